@@ -1,0 +1,523 @@
+"""Run configuration: typed dataclasses, YAML inheritance, overrides, original JSON configs.
+
+Two file formats load into the same `RunConfig`:
+
+* our YAML (or JSON) files, nested by section (`model:`, `data:`, `train:`, `retrieval:`,
+  `rerank:`, `output_dir:`), optionally naming a `base:` file (relative to the file) whose
+  values they override;
+* the original LightningDOT / UNITER JSON run configs, whose keys are flat. Every flat key
+  has exactly one home section, so they load unchanged.
+
+Overrides given as `section.key=value` or, since flat names are unique, `key=value`.
+Relative data and model paths resolve from the working directory, as in the original.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import logging
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used as it is."""
+
+
+@dataclass
+class ModelConfig:
+    """Towers, projections and the checkpoints they start from."""
+
+    txt_model_type: str = "bert-base"
+    # A local HF model directory or a HF config.json (hub names are refused offline).
+    txt_model_config: str = ""
+    img_model_type: str = "uniter-base"
+    img_model_config: str = ""
+    # UNITER cross-encoder config (re-ranking).
+    model_config: Optional[str] = None
+    img_checkpoint: Optional[str] = None
+    txt_checkpoint: Optional[str] = None
+    biencoder_checkpoint: Optional[str] = None
+    # Cross-encoder (UNITER) weights for rerank.py; a bi-encoder checkpoint elsewhere.
+    checkpoint: Optional[str] = None
+    # Local tokenizer directory; defaults to txt_model_config when that is a directory.
+    tokenizer: Optional[str] = None
+    project_dim: int = 768
+    dropout: float = 0.1
+    cls_concat: Literal["add", "multiply", "none"] = "add"
+    fix_img_encoder: bool = False
+    fix_txt_encoder: bool = False
+
+
+@dataclass
+class DatasetSpec:
+    """One pre-training dataset: txt_dbs paired with img_dbs, its tasks and mix ratios."""
+
+    name: str
+    db: list[str]
+    img: list[str]
+    tasks: list[str] = field(default_factory=lambda: ["itm"])
+    mix_ratio: list[float] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    """Databases and the feature / masking rules applied when reading them."""
+
+    train_datasets: list[DatasetSpec] = field(default_factory=list)
+    val_datasets: list[DatasetSpec] = field(default_factory=list)
+    train_txt_dbs: list[str] = field(default_factory=list)
+    train_img_dbs: list[str] = field(default_factory=list)
+    val_txt_db: Optional[str] = None
+    val_img_db: Optional[str] = None
+    test_txt_db: Optional[str] = None
+    test_img_db: Optional[str] = None
+    compressed_db: bool = False
+    conf_th: float = 0.2
+    max_bb: int = 100
+    min_bb: int = 10
+    num_bb: int = 36
+    max_txt_len: int = 60
+    mask_prob: float = 0.15
+    mrm_prob: float = 0.15
+    n_workers: int = 2
+    pin_mem: bool = True
+    # CMR batches: `distinct` samples no image twice in a batch; `mask` lets duplicates in
+    # and removes them from the negatives. The loss masks same-image rows in both cases.
+    duplicate_images: Literal["distinct", "mask"] = "distinct"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, precision and distribution."""
+
+    train_batch_size: int = 64
+    val_batch_size: int = 256
+    # `tokens` counts text tokens + boxes per batch, as UNITER's pre-training sampler does.
+    batch_size_unit: Literal["examples", "tokens"] = "examples"
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-5
+    optim: Literal["adamw"] = "adamw"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    decay: Literal["linear", "constant", "cosine"] = "linear"
+    weight_decay: float = 0.01
+    grad_norm: float = 2.0
+    warmup_steps: int = 100
+    # 0 derives the step count from num_train_epochs.
+    num_train_steps: int = 0
+    num_train_epochs: int = 0
+    valid_steps: int = 500
+    # 0 saves at every validation.
+    save_steps: int = 0
+    keep_last: int = 3
+    log_steps: int = 10
+    seed: int = 42
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    distributed: Literal["auto", "none", "ddp", "horovod"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False
+
+
+@dataclass
+class RetrievalConfig:
+    """Hard negatives, indexes and evaluation of the bi-encoder."""
+
+    num_hard_negatives: int = 0
+    hard_negatives_sampling: Literal[
+        "none", "random", "top", "top-random", "10-20", "20-30"
+    ] = "none"
+    # Refresh hard negatives every N steps; 0 = once per epoch.
+    steps_per_hard_neg: int = 0
+    sample_init_hard_negatives: bool = False
+    retrieval_mode: Literal["img_only", "txt_only", "both"] = "both"
+    caption_score_weight: float = 0.0
+    itm_global_file: Optional[str] = None
+    index_type: Literal["flat", "hnsw", "ivfpq"] = "flat"
+    inf_minibatch_size: int = 0
+    # Candidates saved per query in topk.json.
+    top_k: int = 100
+    # COCO 1K protocol: average over 5 folds of 1,000 images.
+    coco_1k: bool = False
+    eval_split: Literal["val", "test"] = "test"
+    # Cross-encoder training: sampled negatives per positive and hinge margin.
+    negative_size: int = 1
+    margin: float = 0.2
+
+
+@dataclass
+class RerankConfig:
+    """Second stage: UNITER cross-encoder over the bi-encoder's top-M."""
+
+    top_m: int = 20
+    alpha: float = 0.0
+    rank_loss: Literal["hinge", "softmax"] = "softmax"
+    rerank_batch_size: int = 256
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs; saved beside its checkpoints."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    rerank: RerankConfig = field(default_factory=RerankConfig)
+    output_dir: str = "runs/default"
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "retrieval": RetrievalConfig,
+    "rerank": RerankConfig,
+}
+TOP_LEVEL_KEYS = ("output_dir",)
+
+# Original keys that configured tools we replace (apex, comet, launchers, disabled paths).
+IGNORED_ORIGINAL_KEYS = (
+    "fp16_opt_level",
+    "project_name",
+    "expr_name_prefix",
+    "rank",
+    "local_rank",
+    "itm_neg_prob",
+    "itm_ot_lambda",
+    "nce_temp",
+    "neg_size",
+    "full_val",
+)
+
+
+def _fp16_to_precision(value: Any) -> str:
+    return "fp16" if value else "fp32"
+
+
+def _hnsw_to_index(value: Any) -> str:
+    return "hnsw" if value else "flat"
+
+
+# Original spellings that map onto one of our fields, with a value conversion.
+ALIASES: dict[str, tuple[str, str, Any]] = {
+    "valid_batch_size": ("train", "val_batch_size", None),
+    "max_grad_norm": ("train", "grad_norm", None),
+    "fp16": ("train", "precision", _fp16_to_precision),
+    "hnsw_index": ("retrieval", "index_type", _hnsw_to_index),
+}
+
+
+def flat_key_table() -> dict[str, str]:
+    """Field name -> section, over every section (names are unique by design)."""
+    table: dict[str, str] = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if f.name in table:
+                raise RuntimeError(f"config field {f.name!r} is in two sections")
+            table[f.name] = section
+    return table
+
+
+def _closest(key: str, candidates: list[str]) -> str:
+    match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against annotation `tp`, converting strings from the command line."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if origin is typing.Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("null", "none") and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        if isinstance(value, str):
+            raise ConfigError(f"{where}: expected one of {choices}, got {value!r}{_closest(value, [str(c) for c in choices])}")
+        raise bad
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return _build(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # PyYAML reads `5e-5` (no dot) as a string.
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    raise ConfigError(f"{where}: unsupported annotation {tp!r}")
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise ConfigError(f"{where}: unknown key {key!r}{_closest(key, names)}")
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in kwargs
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
+        raise ConfigError(f"{where}: missing required key(s) {missing}") from err
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot parse config file {path}: {err}") from err
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def is_original_format(data: dict[str, Any]) -> bool:
+    """Original run configs are flat: none of their keys is a section name."""
+    nested = set(SECTIONS) | {"base"}
+    return not any(key in nested for key in data)
+
+
+def _flat_to_nested(
+    flat: dict[str, Any], source: str, ignored: set[str]
+) -> dict[str, Any]:
+    table = flat_key_table()
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        if key in TOP_LEVEL_KEYS:
+            nested[key] = value
+        elif key in IGNORED_ORIGINAL_KEYS:
+            ignored.add(key)
+        elif key in ALIASES:
+            section, name, convert = ALIASES[key]
+            nested.setdefault(section, {})[name] = convert(value) if convert else value
+        elif key in table:
+            nested.setdefault(table[key], {})[key] = value
+        else:
+            valid = list(table) + list(ALIASES) + list(TOP_LEVEL_KEYS)
+            raise ConfigError(f"{source}: unknown key {key!r}{_closest(key, valid)}")
+    return nested
+
+
+def _load_nested(path: Path, ignored: set[str], seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise ConfigError(f"config inheritance cycle: {chain}")
+    data = _read_file(path)
+    if is_original_format(data):
+        return _flat_to_nested(data, str(path), ignored)
+    base_name = data.pop("base", None)
+    merged: dict[str, Any] = {}
+    if base_name is not None:
+        merged = _load_nested(path.parent / base_name, ignored, (*seen, path))
+    for key in data:
+        if key not in SECTIONS and key not in TOP_LEVEL_KEYS:
+            raise ConfigError(
+                f"{path}: unknown section {key!r}{_closest(key, list(SECTIONS) + list(TOP_LEVEL_KEYS))}"
+            )
+        if key in SECTIONS and not isinstance(data[key], dict):
+            raise ConfigError(f"{path}: section {key!r} must be a mapping")
+    return _deep_merge(merged, data)
+
+
+def _apply_override(nested: dict[str, Any], override: str, ignored: set[str]) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like key=value or section.key=value")
+    key, raw = override.split("=", 1)
+    key = key.strip()
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if "." in key:
+        section, name = key.split(".", 1)
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"override {override!r}: unknown section {section!r}{_closest(section, list(SECTIONS))}"
+            )
+        nested.setdefault(section, {})[name] = value
+    else:
+        nested.update(_deep_merge(nested, _flat_to_nested({key: value}, f"override {override!r}", ignored)))
+
+
+def load_config(
+    path: str | os.PathLike,
+    overrides: list[str] | None = None,
+    original_defaults: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Load a config file (ours or an original flat JSON), apply overrides, validate.
+
+    Args:
+        path: YAML/JSON config file.
+        overrides: `section.key=value` or flat `key=value` strings, applied in order.
+        original_defaults: nested values that an entry script applies under an ORIGINAL
+            flat config only (e.g. pre-training batches counted in tokens, as UNITER did).
+    """
+    path = Path(path)
+    ignored: set[str] = set()
+    raw = _read_file(path)
+    nested = _load_nested(path, ignored)
+    if original_defaults and is_original_format(raw):
+        nested = _deep_merge(original_defaults, nested)
+    for override in overrides or []:
+        _apply_override(nested, override, ignored)
+    if ignored:
+        logger.warning(
+            "%s: key(s) %s configured tools this implementation replaces; they have no effect",
+            path,
+            sorted(ignored),
+        )
+    kwargs: dict[str, Any] = {}
+    for section, cls in SECTIONS.items():
+        kwargs[section] = _build(cls, nested.get(section, {}), f"{path} [{section}]")
+    for key in TOP_LEVEL_KEYS:
+        if key in nested:
+            kwargs[key] = _coerce(nested[key], str, f"{path} [{key}]")
+    return RunConfig(**kwargs)
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    """Plain nested dict (YAML/JSON/torch.save friendly)."""
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    """Rebuild a RunConfig from `config_to_dict` output (e.g. stored in a checkpoint)."""
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in SECTIONS:
+            kwargs[key] = _build(SECTIONS[key], value, f"{source} [{key}]")
+        elif key in TOP_LEVEL_KEYS:
+            kwargs[key] = value
+        else:
+            raise ConfigError(f"{source}: unknown section {key!r}")
+    return RunConfig(**kwargs)
+
+
+def save_config(config: RunConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    os.replace(tmp, path)
+
+
+def require_path(value: str | None, key: str, kind: str = "any") -> Path:
+    """Check that a path named by config `key` exists; say which key and where we looked."""
+    if not value:
+        raise ConfigError(f"config key {key!r} is not set")
+    path = Path(value)
+    ok = {"file": path.is_file(), "dir": path.is_dir()}.get(kind, path.exists())
+    if not ok:
+        what = {"file": "file", "dir": "directory"}.get(kind, "path")
+        raise FileNotFoundError(
+            f"config key {key!r} points to {what} {value!r}, which does not exist "
+            f"(relative paths resolve from the working directory {os.getcwd()})"
+        )
+    return path
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """The flags every entry script shares."""
+    parser.add_argument("--config", required=True, help="our YAML config or an original JSON config")
+    parser.add_argument("--output_dir", default=None, help="overrides output_dir of the config")
+    parser.add_argument(
+        "overrides", nargs="*", default=[], help="section.key=value or key=value overrides"
+    )
+
+
+def config_from_args(
+    args: argparse.Namespace, original_defaults: dict[str, Any] | None = None
+) -> RunConfig:
+    """Load `args.config` with `args.overrides` and `--output_dir`."""
+    config = load_config(args.config, args.overrides, original_defaults)
+    if args.output_dir is not None:
+        config.output_dir = args.output_dir
+    return config
