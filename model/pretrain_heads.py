@@ -1,0 +1,226 @@
+"""LightningDOT pre-training (SPEC 5): CMR, VMLM, and SMRM (MRFR + MRC-kl) on a bi-encoder.
+
+Attribute names reproduce the original `model_step_N.pt` keys: `bert` (the bi-encoder),
+`cls.predictions.*`, `feat_regress.*`, `region_classifier.*`. The original's `itm_output`
+head is never used and does not exist here (the checkpoint importer drops it).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
+
+from model.biencoder import BiEncoder
+from model.losses import contrastive_loss, mlm_loss, mrckl_loss, mrfr_loss
+from model.towers import build_bert_config
+
+# Visual Genome 1600 object classes + background (SPEC 2 soft_labels).
+IMG_LABEL_DIM = 1601
+TASKS = ("itm", "mlm", "mrfr", "mrckl")
+
+
+class MLMPredictionHead(nn.Module):
+    """`transform` (dense -> GELU -> LayerNorm) then the tied decoder plus an own bias."""
+
+    def __init__(self, config: Any, embedding_weight: nn.Parameter) -> None:
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        self.decoder = nn.Linear(embedding_weight.shape[1], embedding_weight.shape[0], bias=False)
+        self.decoder.weight = embedding_weight
+        self.bias = nn.Parameter(torch.zeros(embedding_weight.shape[0]))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(M, H) hidden states -> (M, vocab) scores."""
+        return self.decoder(self.transform(hidden)) + self.bias
+
+
+class MLMHead(nn.Module):
+    """Wrapper giving the original key names `cls.predictions.*`."""
+
+    def __init__(self, config: Any, embedding_weight: nn.Parameter) -> None:
+        super().__init__()
+        self.predictions = MLMPredictionHead(config, embedding_weight)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(M, H) hidden states -> (M, vocab) scores."""
+        return self.predictions(hidden)
+
+
+class RegionFeatureRegression(nn.Module):
+    """dense -> GELU -> LayerNorm, then `h @ img_linear.weight + bias` (weight tied)."""
+
+    def __init__(self, hidden_size: int, img_linear_weight: nn.Parameter) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.LayerNorm(hidden_size, eps=1e-12)
+        )
+        self.weight = img_linear_weight
+        self.bias = nn.Parameter(torch.zeros(img_linear_weight.shape[1]))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(M, H) -> (M, img_dim) predicted region features."""
+        return F.linear(self.net(hidden), self.weight.t(), self.bias)
+
+
+class RegionClassification(nn.Module):
+    """dense -> GELU -> LayerNorm -> Linear(label_dim)."""
+
+    def __init__(self, hidden_size: int, label_dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(hidden_size, hidden_size),
+            nn.GELU(),
+            nn.LayerNorm(hidden_size, eps=1e-12),
+            nn.Linear(hidden_size, label_dim),
+        )
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(M, H) -> (M, label_dim) class logits."""
+        return self.net(hidden)
+
+
+def combine_cls(seq: torch.Tensor, other_cls: torch.Tensor, mode: str) -> torch.Tensor:
+    """Inject the other tower's [CLS] hidden state into every position of `seq`.
+
+    Args:
+        seq: (B, L, H) hidden states of one tower.
+        other_cls: (B, H) [CLS] hidden state of the other tower (before projection).
+        mode: `add` | `multiply` | `none`.
+    """
+    if mode == "add":
+        return seq + other_cls.unsqueeze(1)
+    if mode == "multiply":
+        return seq * other_cls.unsqueeze(1)
+    if mode == "none":
+        return seq
+    raise ValueError(f"unknown cls_concat mode {mode!r}")
+
+
+class PretrainModel(nn.Module):
+    """The bi-encoder `bert` plus the VMLM / MRFR / MRC-kl heads, trained one task per batch.
+
+    The heads keep PyTorch's default initialisation, as the original does (it never applies
+    the BERT initialiser to them); pre-trained heads come from a checkpoint anyway.
+    """
+
+    def __init__(
+        self,
+        biencoder: BiEncoder,
+        img_label_dim: int = IMG_LABEL_DIM,
+        mask_duplicates: bool = True,
+    ) -> None:
+        """Attach the heads to `biencoder`.
+
+        Args:
+            biencoder: the model being pre-trained (`self.bert`).
+            img_label_dim: number of region classes of MRC-kl.
+            mask_duplicates: CMR removes other in-batch captions of a row's image from its
+                negatives (see `contrastive_loss`).
+
+        Raises:
+            ValueError: the towers differ in hidden size or vocabulary (the heads add one
+                tower's [CLS] to the other's states and decode text with the image tower's
+                word embeddings).
+        """
+        super().__init__()
+        cfg = biencoder.config
+        head_cfg = build_bert_config(cfg.img_config)
+        txt_cfg = build_bert_config(cfg.txt_config)
+        if txt_cfg.hidden_size != head_cfg.hidden_size:
+            raise ValueError(
+                f"pre-training needs towers of the same hidden size (text {txt_cfg.hidden_size}, "
+                f"image {head_cfg.hidden_size})"
+            )
+        if txt_cfg.vocab_size != head_cfg.vocab_size:
+            raise ValueError(
+                f"VMLM decodes text with the image tower's word embeddings: the vocabularies "
+                f"must match (text {txt_cfg.vocab_size}, image {head_cfg.vocab_size})"
+            )
+        self.bert = biencoder
+        self.cls_concat = cfg.cls_concat
+        self.mask_duplicates = mask_duplicates
+        img_bert = biencoder.img_model.bert
+        self.cls = MLMHead(head_cfg, img_bert.embeddings.word_embeddings.weight)
+        self.feat_regress = RegionFeatureRegression(
+            head_cfg.hidden_size, img_bert.img_embeddings.img_linear.weight
+        )
+        self.region_classifier = RegionClassification(head_cfg.hidden_size, img_label_dim)
+
+    def forward(self, batch: Mapping[str, Any], task: str) -> dict[str, torch.Tensor]:
+        """Loss (and metric counts) of one task on one batch.
+
+        Args:
+            batch: a batch in the docs/architecture.md layout for `task`.
+            task: `itm` (CMR) | `mlm` (VMLM) | `mrfr` | `mrckl`.
+
+        Returns:
+            `loss` plus: itm -> `n_correct_t2i`, `n_correct_i2t`, `n_pos`;
+            mlm -> `n_correct`, `n_masked`; mrfr / mrckl -> `n_masked`.
+        """
+        if task == "itm":
+            return self.forward_itm(batch)
+        if task == "mlm":
+            return self.forward_mlm(batch)
+        if task in ("mrfr", "mrckl"):
+            return self.forward_mrm(batch, task)
+        raise ValueError(f"unknown pre-training task {task!r}; expected one of {TASKS}")
+
+    def forward_itm(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """CMR: contrastive loss on the projected embeddings, negatives gathered globally."""
+        txt_emb, img_emb = self.bert(batch)
+        out = contrastive_loss(
+            txt_emb,
+            img_emb,
+            num_pos=batch.get("num_pos"),
+            txt_img_keys=batch.get("txt_img_keys"),
+            img_keys=batch.get("img_keys"),
+            mask_duplicates=self.mask_duplicates,
+        )
+        return {
+            "loss": out.loss,
+            "n_correct_t2i": out.n_correct_t2i,
+            "n_correct_i2t": out.n_correct_i2t,
+            "n_pos": torch.tensor(out.n_pos, device=out.loss.device),
+        }
+
+    def forward_mlm(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """VMLM: text states + the image tower's [CLS] hidden state -> masked token ids."""
+        txt, img = batch["txt"], batch["img"]
+        labels = batch["txt_labels"]
+        txt_seq, _ = self.bert.text_hidden(txt["input_ids"], txt["attention_mask"])
+        _, img_cls = self.bert.image_hidden(img["img_feat"], img["img_pos"], img["img_mask"])
+        seq = combine_cls(txt_seq, img_cls, self.cls_concat)
+        masked = labels != -100
+        # Decode only the masked positions: the vocabulary projection dominates the cost.
+        logits = self.cls(seq[masked])
+        targets = labels[masked]
+        return {
+            "loss": mlm_loss(logits, targets),
+            "n_correct": (logits.argmax(dim=-1) == targets).sum().detach(),
+            "n_masked": torch.tensor(targets.numel(), device=logits.device),
+        }
+
+    def masked_region_hidden(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """(M, H) SMRM states of the masked regions, in `img_masked.nonzero()` order."""
+        txt, img = batch["txt"], batch["img"]
+        img_masked = img["img_masked"]
+        _, txt_cls = self.bert.text_hidden(txt["input_ids"], txt["attention_mask"])
+        img_seq, _ = self.bert.image_hidden(
+            img["img_feat"], img["img_pos"], img["img_mask"], img_masked
+        )
+        # Position 0 is the [CLS] slot; regions start at 1 like the columns of img_masked.
+        seq = combine_cls(img_seq[:, 1:], txt_cls, self.cls_concat)
+        return seq[img_masked.bool()]
+
+    def forward_mrm(self, batch: Mapping[str, Any], task: str) -> dict[str, torch.Tensor]:
+        """SMRM: MRFR (feature regression, MSE) or MRC-kl (soft-label KL)."""
+        hidden = self.masked_region_hidden(batch)
+        if task == "mrfr":
+            loss = mrfr_loss(self.feat_regress(hidden), batch["feat_targets"])
+        else:
+            loss = mrckl_loss(self.region_classifier(hidden), batch["label_targets"])
+        return {"loss": loss, "n_masked": torch.tensor(hidden.shape[0], device=hidden.device)}
