@@ -1,0 +1,224 @@
+"""Fast encode paths (`utils.fast_encode`) against the plain towers, fp32, atol 1e-5."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.biencoder import BiEncoder, BiEncoderConfig
+from model.cross_encoder import CrossEncoderConfig, UniterCrossEncoder
+from model.pretrain_heads import PretrainModel
+from utils.bench_batches import task_batch
+from utils.fast_encode import (
+    FixedShapeEncoder,
+    PackedPretrainModel,
+    bucket_length,
+    cross_encoder_score_packed,
+    encode_image_packed,
+    encode_text_packed,
+    pretrain_forward_packed,
+    varlen_attention,
+    varlen_layout,
+)
+
+ATOL = 1e-5
+SMALL_BERT = {
+    "hidden_size": 48,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "intermediate_size": 96,
+    "vocab_size": 300,
+    "max_position_embeddings": 80,
+    "type_vocab_size": 2,
+    "hidden_act": "gelu",
+    "initializer_range": 0.05,
+}
+
+
+def small_biencoder(dropout: float = 0.0, project_dim: int = 24, seed: int = 0) -> BiEncoder:
+    torch.manual_seed(seed)
+    model = BiEncoder(
+        BiEncoderConfig(dict(SMALL_BERT), dict(SMALL_BERT), project_dim=project_dim, dropout=dropout)
+    )
+    with torch.no_grad():
+        # Non-trivial LayerNorm affine and biases, so a wrong residual or gather shows.
+        for name, param in model.named_parameters():
+            if "LayerNorm" in name or "layer_norm" in name or name.endswith("bias"):
+                param.add_(0.1 * torch.randn_like(param))
+    return model.eval()
+
+
+def random_captions(lengths: list[int], pad_to: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(len(lengths), pad_to, dtype=torch.long)
+    mask = torch.zeros(len(lengths), pad_to, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        ids[row, :length] = torch.randint(104, SMALL_BERT["vocab_size"], (length,), generator=gen)
+        ids[row, 0], ids[row, length - 1] = 101, 102
+        mask[row, :length] = 1
+    return ids, mask
+
+
+def random_regions(counts: list[int], pad_to: int, seed: int) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    feat = torch.randn(len(counts), pad_to, 2048, generator=gen)
+    pos = torch.rand(len(counts), pad_to, 7, generator=gen)
+    mask = torch.zeros(len(counts), pad_to, dtype=torch.long)
+    for row, count in enumerate(counts):
+        mask[row, :count] = 1
+    feat = feat * mask[..., None]
+    return feat, pos, mask
+
+
+@pytest.mark.parametrize("cls_only_last", [True, False])
+def test_packed_text_matches_plain(cls_only_last: bool) -> None:
+    model = small_biencoder()
+    ids, mask = random_captions([5, 14, 2, 31, 9], pad_to=60, seed=1)
+    with torch.no_grad():
+        want = model.encode_text(ids, mask)
+        got = encode_text_packed(model.txt_model, ids, mask, cls_only_last=cls_only_last)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("cls_only_last", [True, False])
+def test_packed_image_matches_plain(cls_only_last: bool) -> None:
+    model = small_biencoder(seed=1)
+    feat, pos, mask = random_regions([36, 10, 23], pad_to=36, seed=2)
+    masked = torch.zeros(3, 36, dtype=torch.bool)
+    masked[0, 3] = masked[2, 7] = True
+    feat = feat.masked_fill(masked[..., None], 0.0)
+    with torch.no_grad():
+        want = model.encode_image(feat, pos, mask, masked)
+        got = encode_image_packed(model.img_model, feat, pos, mask, masked, cls_only_last=cls_only_last)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def test_packed_gradients_match_plain() -> None:
+    """Training through the packed path gives the plain path's gradients (dropout off)."""
+    model = small_biencoder(seed=2).train()
+    ids, mask = random_captions([7, 3, 12, 18], pad_to=20, seed=3)
+    feat, pos, img_mask = random_regions([8, 8, 5, 8], pad_to=8, seed=4)
+    grads = []
+    for fast in (False, True):
+        model.zero_grad()
+        if fast:
+            txt = encode_text_packed(model.txt_model, ids, mask)
+            img = encode_image_packed(model.img_model, feat, pos, img_mask)
+        else:
+            txt = model.encode_text(ids, mask)
+            img = model.encode_image(feat, pos, img_mask)
+        scores = txt @ img.t()
+        loss = torch.nn.functional.cross_entropy(scores, torch.arange(4))
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    plain, fast = grads
+    # The [CLS]-only last layer leaves the last layer's query/FFN for non-[CLS] rows unused,
+    # exactly as in the plain path where their outputs feed nothing: same parameter set.
+    assert plain.keys() == fast.keys()
+    for name in plain:
+        torch.testing.assert_close(fast[name], plain[name], atol=ATOL, rtol=1e-4, msg=name)
+
+
+def test_dropout_runs_in_training() -> None:
+    model = small_biencoder(dropout=0.1).train()
+    ids, mask = random_captions([6, 9], pad_to=12, seed=5)
+    first = encode_text_packed(model.txt_model, ids, mask)
+    second = encode_text_packed(model.txt_model, ids, mask)
+    assert torch.isfinite(first).all() and not torch.allclose(first, second)
+
+
+def test_varlen_attention_matches_per_sequence_sdpa() -> None:
+    gen = torch.Generator().manual_seed(6)
+    lengths = [3, 1, 6]
+    mask = torch.zeros(3, 8, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+    layout = varlen_layout(mask)
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, 2, 4, generator=gen) for _ in range(3))
+    got = varlen_attention(q, k, v, layout, layout)
+    start = 0
+    for length in lengths:
+        sl = slice(start, start + length)
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q[sl].transpose(0, 1), k[sl].transpose(0, 1), v[sl].transpose(0, 1)
+        ).transpose(0, 1)
+        torch.testing.assert_close(got[sl], want, atol=ATOL, rtol=0)
+        start += length
+
+
+def test_varlen_layout() -> None:
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    layout = varlen_layout(mask)
+    assert layout.cu_seqlens.tolist() == [0, 2, 6, 7]
+    assert layout.max_len == 4 and layout.first_token.tolist() == [0, 2, 6]
+    assert layout.pos_index.tolist() == [0, 1, 0, 1, 2, 3, 0]
+    with pytest.raises(ValueError, match="position 0"):
+        varlen_layout(torch.tensor([[0, 1], [1, 1]]))
+
+
+def test_bucket_length() -> None:
+    assert [bucket_length(n) for n in (1, 8, 9, 60)] == [8, 8, 16, 64]
+    assert bucket_length(60, max_length=62) == 62
+    with pytest.raises(ValueError):
+        bucket_length(0)
+
+
+def test_fixed_shape_encoder_pads_rows_and_length() -> None:
+    """The static-buffer path (a CUDA graph on GPU) returns the plain result for real rows."""
+    model = small_biencoder(seed=3)
+    ids, mask = random_captions([4, 11, 7], pad_to=11, seed=7)
+    encoder = FixedShapeEncoder(
+        model.encode_text, shapes=[(8, 16), (8, 16)], dtypes=[torch.long, torch.long], device=torch.device("cpu")
+    )
+    with torch.no_grad():
+        want = model.encode_text(ids, mask)
+    got = encoder(ids, mask)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="does not fit"):
+        encoder(torch.zeros(9, 16, dtype=torch.long), torch.ones(9, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match="CUDA"):
+        FixedShapeEncoder(model.encode_text, [(2, 4)], [torch.long], torch.device("cpu"), use_graph=True)
+
+
+@pytest.mark.parametrize("task", ["itm", "mlm", "mrfr", "mrckl"])
+def test_packed_pretrain_tasks_match_plain(task: str) -> None:
+    """Loss, metrics and gradients of every pre-training task equal the plain forward's."""
+    model = PretrainModel(small_biencoder(seed=4)).train()
+    rng = np.random.default_rng(8)
+    batch = task_batch(task, 6, SMALL_BERT["vocab_size"], num_bb=12, rng=rng, max_txt_len=30)
+    results = []
+    for forward in (lambda: model(batch, task), lambda: pretrain_forward_packed(model, batch, task)):
+        model.zero_grad()
+        out = forward()
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (plain, plain_grads), (fast, fast_grads) = results
+    assert plain.keys() == fast.keys()
+    for key in plain:
+        torch.testing.assert_close(fast[key], plain[key], atol=ATOL, rtol=1e-5, msg=key)
+    assert plain_grads.keys() == fast_grads.keys()
+    for name in plain_grads:
+        torch.testing.assert_close(fast_grads[name], plain_grads[name], atol=ATOL, rtol=1e-4, msg=name)
+
+
+def test_packed_cross_encoder_matches_plain() -> None:
+    torch.manual_seed(9)
+    model = UniterCrossEncoder(CrossEncoderConfig(dict(SMALL_BERT), dropout=0.0)).eval()
+    ids, mask = random_captions([5, 14, 2, 9], pad_to=16, seed=10)
+    feat, pos, img_mask = random_regions([12, 12, 7, 12], pad_to=12, seed=11)
+    with torch.no_grad():
+        want = model.score(ids, mask, feat, pos, img_mask)
+        got = cross_encoder_score_packed(model, ids, mask, feat, pos, img_mask)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def test_packed_pretrain_module_wraps_the_model() -> None:
+    model = PretrainModel(small_biencoder(seed=5)).eval()
+    wrapped = PackedPretrainModel(model)
+    batch = task_batch("itm", 4, SMALL_BERT["vocab_size"], num_bb=6, rng=np.random.default_rng(12), max_txt_len=20)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(batch, "itm")["loss"], model(batch, "itm")["loss"], atol=ATOL, rtol=0)
+    assert set(wrapped.state_dict()) == {f"model.{k}" for k in model.state_dict()}
