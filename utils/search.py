@@ -1,0 +1,590 @@
+"""Inner-product search: exact top-k in torch, faiss indexes, sharded embedding storage.
+
+* `exact_topk` is the reference search. It multiplies a block of queries by a block of the
+  corpus and merges each block's top-k into a running top-k, so no more than one
+  (query block x corpus block) score matrix exists at a time. It runs wherever torch runs
+  (CPU, CUDA) in fp32 / fp16 / bf16, and accepts numpy memmaps, so neither side has to fit on
+  the device at once. It never pads: with k > N it returns N columns.
+* `DenseIndex` (after DPR's `DenseIndexer`): `FlatIndex` (exact), `HNSWIndex`, `IVFPQIndex`,
+  with `serialize` / `load_index`. faiss moves Flat / IVF-PQ to the GPU when it is a GPU build
+  and a GPU is present; otherwise exact search on a GPU goes through `exact_topk`. faiss marks
+  slots it could not fill with id -1: `DenseIndex.search` keeps that mark (score -inf) and
+  `results_to_lists` drops it; no -1 is ever turned into a real id.
+* `EmbeddingShardWriter` / `merge_shards` / `index_embeddings`: embeddings produced in any
+  order are written as shards of (positions, vectors), merged into one canonical-order .npy
+  through a memmap, and indexed in bounded batches, so a corpus larger than memory works.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+ArrayLike = np.ndarray | torch.Tensor
+INDEX_TYPES = ("flat", "hnsw", "ivfpq")
+# One (query block x corpus block) score matrix stays below this many elements.
+DEFAULT_BLOCK_ELEMENTS = 1 << 24
+_MISSING = -1
+
+
+def _import_faiss():
+    try:
+        import faiss
+    except ImportError as err:
+        raise RuntimeError(
+            "faiss is not installed: `pip install faiss-cpu` (or a faiss GPU build matching "
+            "your CUDA) to build HNSW / IVF-PQ indexes; exact search works without it"
+        ) from err
+    return faiss
+
+
+def _block(x: ArrayLike, start: int, stop: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Rows [start, stop) of a tensor or numpy array (memmap) as a tensor on `device`."""
+    part = x[start:stop]
+    if isinstance(part, np.ndarray):
+        part = np.ascontiguousarray(part, dtype=np.float32)
+        # Read-only memmaps cannot back a tensor; the copy is one bounded block.
+        part = torch.from_numpy(part if part.flags.writeable else part.copy())
+    return part.to(device=device, dtype=dtype, non_blocking=True)
+
+
+def _default_dtype(x: ArrayLike) -> torch.dtype:
+    if isinstance(x, torch.Tensor) and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        return x.dtype
+    return torch.float32
+
+
+def exact_topk(
+    queries: ArrayLike,
+    corpus: ArrayLike,
+    k: int,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    query_block: int | None = None,
+    corpus_block: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact inner-product top-k of every query over the corpus.
+
+    Args:
+        queries: (Q, D) tensor or numpy array (memmap fine).
+        corpus: (N, D) tensor or numpy array (memmap fine).
+        k: wanted hits per query; more than N returns N (never padded).
+        device: compute device; default the corpus tensor's device, or CUDA when available
+            for numpy input, else CPU.
+        dtype: compute dtype for the products (fp32 / fp16 / bf16); default the corpus dtype.
+            Scores are returned in fp32 either way.
+        query_block: queries per block (default: bounded by DEFAULT_BLOCK_ELEMENTS).
+        corpus_block: corpus rows per block (default: bounded by DEFAULT_BLOCK_ELEMENTS).
+
+    Returns:
+        (scores fp32 (Q, min(k, N)), indices int64 (Q, min(k, N))) on the compute device,
+        best first; equal scores are ordered by corpus index.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    if queries.shape[1] != corpus.shape[1]:
+        raise ValueError(f"query dim {queries.shape[1]} != corpus dim {corpus.shape[1]}")
+    if device is None:
+        if isinstance(corpus, torch.Tensor):
+            device = corpus.device
+        else:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    dtype = dtype or _default_dtype(corpus)
+    n_q, n_c = queries.shape[0], corpus.shape[0]
+    k_eff = min(k, n_c)
+    scores_out = torch.empty((n_q, k_eff), dtype=torch.float32, device=device)
+    index_out = torch.empty((n_q, k_eff), dtype=torch.long, device=device)
+    if n_q == 0 or k_eff == 0:
+        return scores_out, index_out
+    corpus_block = corpus_block or max(k_eff, min(n_c, 1 << 16))
+    query_block = query_block or max(1, DEFAULT_BLOCK_ELEMENTS // corpus_block)
+    # A corpus small enough to sit on the device is moved there once, not once per query block.
+    resident = corpus_block >= n_c
+    corpus_dev = _block(corpus, 0, n_c, device, dtype) if resident else None
+    for q0 in range(0, n_q, query_block):
+        q = _block(queries, q0, q0 + query_block, device, dtype)
+        best_s = torch.empty((q.shape[0], 0), dtype=torch.float32, device=device)
+        best_i = torch.empty((q.shape[0], 0), dtype=torch.long, device=device)
+        for c0 in range(0, n_c, corpus_block):
+            c = corpus_dev if resident else _block(corpus, c0, c0 + corpus_block, device, dtype)
+            s = (q @ c.T).float()
+            top_s, top_i = s.topk(min(k_eff, s.shape[1]), dim=1)
+            cand_s = torch.cat([best_s, top_s], dim=1)
+            cand_i = torch.cat([best_i, top_i + c0], dim=1)
+            keep = min(k_eff, cand_s.shape[1])
+            best_s, pos = cand_s.topk(keep, dim=1)
+            best_i = cand_i.gather(1, pos)
+        best_s, best_i = _order_ties_by_index(best_s, best_i)
+        scores_out[q0 : q0 + q.shape[0]] = best_s
+        index_out[q0 : q0 + q.shape[0]] = best_i
+    return scores_out, index_out
+
+
+def _order_ties_by_index(scores: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort rows by score (descending), equal scores by index, so output is reproducible."""
+    by_index = index.argsort(dim=1)
+    scores, index = scores.gather(1, by_index), index.gather(1, by_index)
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    return scores.gather(1, order), index.gather(1, order)
+
+
+def results_to_lists(scores: ArrayLike, ids: ArrayLike) -> list[list[tuple[int, float]]]:
+    """Per query, [(id, score), ...] best first, dropping the -1 slots faiss could not fill."""
+    if isinstance(scores, torch.Tensor):
+        scores = scores.detach().float().cpu().numpy()
+    if isinstance(ids, torch.Tensor):
+        ids = ids.detach().cpu().numpy()
+    return [
+        [(int(i), float(s)) for i, s in zip(row_i, row_s) if i != _MISSING]
+        for row_i, row_s in zip(ids, scores)
+    ]
+
+
+def faiss_gpu_available() -> bool:
+    """True when faiss is a GPU build and sees a GPU."""
+    try:
+        faiss = _import_faiss()
+    except RuntimeError:
+        return False
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _atomic_target(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+class DenseIndex(ABC):
+    """Inner-product index over vectors numbered 0..ntotal-1 in the order they were added."""
+
+    kind: str = ""
+
+    def __init__(self, dim: int):
+        if dim < 1:
+            raise ValueError(f"index dimension must be positive, got {dim}")
+        self.dim = dim
+
+    @property
+    @abstractmethod
+    def ntotal(self) -> int:
+        """Vectors in the index."""
+
+    @property
+    def is_trained(self) -> bool:
+        """Whether `add` may be called (IVF-PQ needs `train` first)."""
+        return True
+
+    def train(self, vectors: np.ndarray) -> None:
+        """Fit quantisers on a sample; a no-op for indexes that need none."""
+
+    @abstractmethod
+    def add(self, vectors: np.ndarray) -> None:
+        """Append vectors (N, dim); they get ids ntotal .. ntotal+N-1."""
+
+    @abstractmethod
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by inner product.
+
+        Returns:
+            (scores float32 (Q, min(k, ntotal)), ids int64 same shape), best first. An
+            approximate index may leave slots unfilled: id -1, score -inf.
+        """
+
+    @abstractmethod
+    def serialize(self, path: str | os.PathLike) -> None:
+        """Write the index to `path` (atomically)."""
+
+    @staticmethod
+    def deserialize(path: str | os.PathLike, use_gpu: bool | None = None) -> DenseIndex:
+        """Read an index written by `serialize` (same as `load_index`)."""
+        return load_index(path, use_gpu)
+
+    def _check(self, vectors: np.ndarray, what: str) -> np.ndarray:
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ValueError(f"{what} must have shape (n, {self.dim}), got {vectors.shape}")
+        return vectors
+
+
+class FaissIndex(DenseIndex):
+    """A DenseIndex backed by one faiss index (CPU, or GPU when the build supports it)."""
+
+    # HNSW has no faiss GPU implementation.
+    _gpu_capable = True
+
+    def __init__(self, index, dim: int, use_gpu: bool | None = None):
+        super().__init__(dim)
+        faiss = _import_faiss()
+        if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise ValueError("only inner-product faiss indexes are supported")
+        self._gpu_resources = None
+        want_gpu = faiss_gpu_available() if use_gpu is None else use_gpu
+        if want_gpu and self._gpu_capable:
+            resources = faiss.StandardGpuResources()
+            try:
+                index = faiss.index_cpu_to_gpu(resources, 0, index)
+                self._gpu_resources = resources
+            except RuntimeError as err:
+                # e.g. IVF-PQ codes of other than 8 bits (shrunk for a small corpus).
+                logger.warning("faiss could not move the %s index to the GPU (%s); searching on CPU", self.kind, err)
+        self._index = index
+
+    @property
+    def ntotal(self) -> int:
+        return int(self._index.ntotal)
+
+    @property
+    def is_trained(self) -> bool:
+        return bool(self._index.is_trained)
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the faiss index lives on a GPU."""
+        return self._gpu_resources is not None
+
+    def add(self, vectors: np.ndarray) -> None:
+        if not self.is_trained:
+            raise RuntimeError(f"{self.kind} index must be trained before vectors are added")
+        self._index.add(self._check(vectors, "vectors"))
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        queries = self._check(queries, "queries")
+        k_eff = min(k, self.ntotal)
+        if k_eff == 0 or queries.shape[0] == 0:
+            return np.empty((queries.shape[0], k_eff), np.float32), np.empty((queries.shape[0], k_eff), np.int64)
+        scores, ids = self._index.search(queries, k_eff)
+        ids = ids.astype(np.int64, copy=False)
+        scores = np.where(ids == _MISSING, -np.inf, scores).astype(np.float32)
+        return scores, ids
+
+    def serialize(self, path: str | os.PathLike) -> None:
+        faiss = _import_faiss()
+        path = Path(path)
+        index = faiss.index_gpu_to_cpu(self._index) if self.on_gpu else self._index
+        tmp = _atomic_target(path)
+        try:
+            faiss.write_index(index, str(tmp))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+class FlatIndex(FaissIndex):
+    """Exact inner-product search (faiss IndexFlatIP storage).
+
+    On a machine with a GPU but a CPU faiss build, search runs through `exact_topk` on the GPU
+    over the stored vectors (a view, not a copy).
+    """
+
+    kind = "flat"
+
+    def __init__(self, dim: int, use_gpu: bool | None = None, _index=None):
+        faiss = _import_faiss()
+        super().__init__(_index if _index is not None else faiss.IndexFlatIP(dim), dim, use_gpu)
+
+    def vectors(self) -> np.ndarray:
+        """The stored (ntotal, dim) vectors: a view of a CPU index, a copy from a GPU one."""
+        faiss = _import_faiss()
+        if self.on_gpu:
+            return self._index.reconstruct_n(0, self.ntotal)
+        flat = faiss.rev_swig_ptr(self._index.get_xb(), self.ntotal * self.dim)
+        return np.asarray(flat).reshape(self.ntotal, self.dim)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if not self.on_gpu and torch.cuda.is_available() and self.ntotal:
+            queries = self._check(queries, "queries")
+            scores, ids = exact_topk(queries, self.vectors(), k, device="cuda")
+            return scores.cpu().numpy(), ids.cpu().numpy()
+        return super().search(queries, k)
+
+
+class HNSWIndex(FaissIndex):
+    """Approximate search on an HNSW graph (CPU only in faiss), inner-product metric."""
+
+    kind = "hnsw"
+    _gpu_capable = False
+
+    def __init__(
+        self, dim: int, m: int = 32, ef_construction: int = 200, ef_search: int = 128, _index=None
+    ):
+        faiss = _import_faiss()
+        if _index is None:
+            _index = faiss.IndexHNSWFlat(dim, m, faiss.METRIC_INNER_PRODUCT)
+            _index.hnsw.efConstruction = ef_construction
+        _index.hnsw.efSearch = ef_search
+        super().__init__(_index, dim, use_gpu=False)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        # efSearch below k would return fewer than k hits.
+        self._index.hnsw.efSearch = max(self._index.hnsw.efSearch, k)
+        return super().search(queries, k)
+
+
+class IVFPQIndex(FaissIndex):
+    """Inverted lists over product-quantised codes (compressed, approximate).
+
+    The requested sizes are shrunk to what the training sample supports (faiss needs at least
+    as many training points as centroids), and `m` is reduced to a divisor of `dim`.
+    """
+
+    kind = "ivfpq"
+
+    def __init__(
+        self,
+        dim: int,
+        nlist: int = 1024,
+        m: int = 64,
+        nbits: int = 8,
+        nprobe: int = 32,
+        use_gpu: bool | None = None,
+        _index=None,
+    ):
+        self._requested = {"nlist": nlist, "m": m, "nbits": nbits}
+        self._nprobe = nprobe
+        self._use_gpu = use_gpu
+        self._built = _index is not None
+        self._gpu_resources = None
+        DenseIndex.__init__(self, dim)
+        if _index is not None:
+            _index.nprobe = nprobe
+            super().__init__(_index, dim, use_gpu)
+
+    @property
+    def ntotal(self) -> int:
+        return super().ntotal if self._built else 0
+
+    @property
+    def is_trained(self) -> bool:
+        return self._built and super().is_trained
+
+    def train(self, vectors: np.ndarray) -> None:
+        faiss = _import_faiss()
+        vectors = self._check(vectors, "training vectors")
+        n = vectors.shape[0]
+        if n < 2:
+            raise ValueError(f"IVF-PQ needs at least 2 training vectors, got {n}")
+        # faiss wants ~39 points per coarse centroid and 2^nbits per PQ codebook.
+        nlist = max(1, min(self._requested["nlist"], n // 39))
+        nbits = max(1, min(self._requested["nbits"], int(math.log2(n))))
+        m = max(d for d in range(1, min(self._requested["m"], self.dim) + 1) if self.dim % d == 0)
+        quantizer = faiss.IndexFlatIP(self.dim)
+        index = faiss.IndexIVFPQ(quantizer, self.dim, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
+        if n < 39 * 2**nbits:
+            # faiss would print a warning per sub-quantiser; say it once, here.
+            logger.warning(
+                "IVF-PQ: %d training vectors for %d-bit codebooks (faiss advises %d); codes "
+                "will be coarse", n, nbits, 39 * 2**nbits
+            )
+            index.pq.cp.min_points_per_centroid = 1
+        index.train(vectors)
+        index.nprobe = min(self._nprobe, nlist)
+        # IndexIVFPQ does not own its quantizer from Python: keep it alive with the index.
+        self._quantizer = quantizer
+        FaissIndex.__init__(self, index, self.dim, self._use_gpu)
+        self._built = True
+        logger.info("IVF-PQ trained on %d vectors: nlist=%d m=%d nbits=%d", n, nlist, m, nbits)
+
+    def add(self, vectors: np.ndarray) -> None:
+        if not self._built:
+            raise RuntimeError("IVF-PQ index must be trained before vectors are added")
+        super().add(vectors)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if not self._built:
+            n = self._check(queries, "queries").shape[0]
+            return np.empty((n, 0), np.float32), np.empty((n, 0), np.int64)
+        return super().search(queries, k)
+
+    def serialize(self, path: str | os.PathLike) -> None:
+        if not self._built:
+            raise RuntimeError("cannot serialize an untrained IVF-PQ index")
+        super().serialize(path)
+
+
+def build_index(kind: str, dim: int, **params) -> DenseIndex:
+    """A new empty index of `kind` (flat | hnsw | ivfpq) with its optional parameters."""
+    classes = {"flat": FlatIndex, "hnsw": HNSWIndex, "ivfpq": IVFPQIndex}
+    if kind not in classes:
+        raise ValueError(f"index type must be one of {INDEX_TYPES}, got {kind!r}")
+    return classes[kind](dim, **params)
+
+
+def load_index(path: str | os.PathLike, use_gpu: bool | None = None) -> DenseIndex:
+    """Read an index written by `DenseIndex.serialize` (or any faiss IP Flat/HNSW/IVF-PQ)."""
+    faiss = _import_faiss()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"index file {path} does not exist")
+    raw = faiss.read_index(str(path))
+    name = type(raw).__name__
+    if name == "IndexFlatIP":
+        return FlatIndex(raw.d, use_gpu=use_gpu, _index=raw)
+    if name == "IndexHNSWFlat":
+        return HNSWIndex(raw.d, ef_search=raw.hnsw.efSearch, _index=raw)
+    if name == "IndexIVFPQ":
+        return IVFPQIndex(raw.d, nprobe=raw.nprobe, use_gpu=use_gpu, _index=raw)
+    raise ValueError(f"{path}: unsupported faiss index type {name}")
+
+
+def index_embeddings(
+    index: DenseIndex,
+    embeddings: np.ndarray,
+    batch_size: int = 65536,
+    train_size: int = 262144,
+    seed: int = 0,
+) -> DenseIndex:
+    """Train (when needed) and fill `index` from an (N, dim) array, batch by batch.
+
+    Args:
+        index: an empty index.
+        embeddings: array or memmap in id order (row i gets id i).
+        batch_size: rows read and added at a time (bounds memory for memmaps).
+        train_size: rows sampled (sorted, so reads stay sequential) for training.
+        seed: sampling seed.
+
+    Returns:
+        The same index, filled.
+    """
+    n = embeddings.shape[0]
+    if not index.is_trained:
+        if n <= train_size:
+            sample = np.asarray(embeddings, dtype=np.float32)
+        else:
+            rows = np.sort(np.random.default_rng(seed).choice(n, train_size, replace=False))
+            sample = np.asarray(embeddings[rows], dtype=np.float32)
+        index.train(sample)
+    for start in range(0, n, batch_size):
+        index.add(np.asarray(embeddings[start : start + batch_size], dtype=np.float32))
+    return index
+
+
+class EmbeddingShardWriter:
+    """Buffer (position, vector) pairs produced in any order and write them as shards.
+
+    Each shard is `{prefix}-{i:05d}.npz` holding `positions` (int64) and `embeddings`
+    (float32), written atomically; `close` writes `{prefix}-manifest.json` listing them,
+    so a crashed run never leaves a manifest that points at missing or partial shards.
+    """
+
+    def __init__(self, directory: str | os.PathLike, prefix: str, dim: int, shard_size: int = 65536):
+        self.directory = Path(directory)
+        self.prefix = prefix
+        self.dim = dim
+        self.shard_size = shard_size
+        self._positions: list[np.ndarray] = []
+        self._vectors: list[np.ndarray] = []
+        self._buffered = 0
+        self._shards: list[str] = []
+        self._total = 0
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def add(self, positions: ArrayLike, vectors: ArrayLike) -> None:
+        """Buffer rows; `positions` are their rows in the final canonical order."""
+        if isinstance(positions, torch.Tensor):
+            positions = positions.detach().cpu().numpy()
+        if isinstance(vectors, torch.Tensor):
+            vectors = vectors.detach().float().cpu().numpy()
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.shape != (positions.shape[0], self.dim):
+            raise ValueError(f"expected vectors of shape ({positions.shape[0]}, {self.dim}), got {vectors.shape}")
+        self._positions.append(positions)
+        self._vectors.append(vectors)
+        self._buffered += positions.shape[0]
+        if self._buffered >= self.shard_size:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        """Write full shards of `shard_size` rows (and the remainder when `final`)."""
+        if not self._buffered:
+            return
+        positions, vectors = np.concatenate(self._positions), np.concatenate(self._vectors)
+        start = 0
+        while positions.shape[0] - start >= self.shard_size or (final and start < positions.shape[0]):
+            stop = start + self.shard_size
+            self._write_shard(positions[start:stop], vectors[start:stop])
+            start = min(stop, positions.shape[0])
+        self._positions, self._vectors = [positions[start:]], [vectors[start:]]
+        self._buffered = positions.shape[0] - start
+
+    def _write_shard(self, positions: np.ndarray, vectors: np.ndarray) -> None:
+        name = f"{self.prefix}-{len(self._shards):05d}.npz"
+        path = self.directory / name
+        tmp = _atomic_target(path).with_suffix(".npz")
+        try:
+            np.savez(tmp, positions=positions, embeddings=vectors)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._shards.append(name)
+        self._total += positions.shape[0]
+
+    def close(self) -> Path:
+        """Write the last shard and the manifest; returns the manifest path."""
+        self._flush(final=True)
+        manifest = self.directory / f"{self.prefix}-manifest.json"
+        tmp = _atomic_target(manifest)
+        tmp.write_text(json.dumps({"dim": self.dim, "total": self._total, "shards": self._shards}))
+        os.replace(tmp, manifest)
+        return manifest
+
+
+def merge_shards(manifest: str | os.PathLike, out_path: str | os.PathLike, num_rows: int) -> Path:
+    """Merge the shards listed in `manifest` into one (num_rows, dim) float32 .npy.
+
+    Rows go to their recorded positions through a memmap, one shard in memory at a time.
+    Every row must be written exactly once; the output appears only when complete.
+
+    Args:
+        manifest: path written by `EmbeddingShardWriter.close`.
+        out_path: the .npy to write (atomically).
+        num_rows: rows of the canonical order.
+
+    Returns:
+        `out_path`.
+    """
+    manifest = Path(manifest)
+    meta = json.loads(manifest.read_text())
+    out_path = Path(out_path)
+    tmp = _atomic_target(out_path).with_suffix(".npy")
+    seen = np.zeros(num_rows, dtype=bool)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(num_rows, meta["dim"]))
+        for name in meta["shards"]:
+            with np.load(manifest.parent / name) as shard:
+                pos, emb = shard["positions"], shard["embeddings"]
+            if pos.size and (pos.min() < 0 or pos.max() >= num_rows):
+                raise ValueError(f"shard {name}: positions outside [0, {num_rows})")
+            if seen[pos].any() or np.unique(pos).size != pos.size:
+                raise ValueError(f"shard {name}: some rows were already written")
+            out[pos] = emb
+            seen[pos] = True
+        if not seen.all():
+            missing = np.nonzero(~seen)[0]
+            raise ValueError(f"{manifest}: {missing.size} of {num_rows} rows missing (first {missing[:5].tolist()})")
+        out.flush()
+        del out
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out_path
+
+
+def remove_shards(manifest: str | os.PathLike) -> None:
+    """Delete the shards listed in `manifest` and the manifest itself."""
+    manifest = Path(manifest)
+    meta = json.loads(manifest.read_text())
+    for name in meta["shards"]:
+        (manifest.parent / name).unlink(missing_ok=True)
+    manifest.unlink()
