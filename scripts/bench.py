@@ -551,9 +551,9 @@ def _triton_sweep(ctx: Context, q: torch.Tensor, keys: torch.Tensor) -> list[Any
 def section_search(ctx: Context) -> None:
     """Exact top-k over N keys: full matrix + topk (baseline), torch chunks, fused kernel."""
     from utils.fused_topk import (
+        fused_topk,
         resolve_backend,
         topk_dense,
-        topk_torch_chunked,
         topk_triton,
     )
     from utils.search import exact_topk
@@ -579,7 +579,7 @@ def section_search(ctx: Context) -> None:
         ctx.add(Row("search", f"Q={num_q} matmul only ms", t_mm["median_s"] * 1e3, "ms", baseline=base_ms,
                     ratio=base_ms / (t_mm["median_s"] * 1e3)))
         variants: list[tuple[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]]] = [
-            ("torch chunked", lambda q=q: topk_torch_chunked(q, keys, s.k)),
+            ("torch chunked", lambda q=q: fused_topk(q, keys, s.k, backend="torch")),
             ("utils.search.exact_topk", lambda q=q: exact_topk(q, keys, s.k)),
         ]
         if use_triton:

@@ -24,7 +24,6 @@ from utils.fused_topk import (
     fused_topk,
     resolve_backend,
     topk_dense,
-    topk_torch_chunked,
     triton_available,
 )
 
@@ -55,7 +54,7 @@ def test_torch_chunked_matches_brute_force(num_q: int, num_keys: int, dim: int, 
     gen = torch.Generator().manual_seed(num_q * 1000 + num_keys)
     queries = torch.randn(num_q, dim, generator=gen)
     keys = torch.randn(num_keys, dim, generator=gen)
-    vals, idx = topk_torch_chunked(queries, keys, k, max_block_elements=block)
+    vals, idx = fused_topk(queries, keys, k, backend="torch", max_block_elements=block)
     check_topk(queries, keys, k, vals, idx, tol=1e-4)
     dense_vals, dense_idx = topk_dense(queries, keys, k)
     torch.testing.assert_close(vals, dense_vals)

@@ -9,8 +9,9 @@ product, best first. Two implementations compute the same function:
   CUDA builds of torch; it is not a dependency of this project). It also runs on CPU tensors
   under Triton's interpreter (`TRITON_INTERPRET=1`), which is how the tests check it without
   a GPU.
-* `torch`: keys in chunks; each chunk's scores are merged into the running top-k with one
-  `torch.topk`, so memory stays bounded by `max_block_elements`. Runs everywhere.
+* `torch`: `utils.search.exact_topk`, the project's one chunked implementation: keys in
+  chunks whose top-k merge into a running top-k, memory bounded by `max_block_elements`.
+  Runs everywhere.
 
 Scores are accumulated in float32 whatever the input dtype (fp16 / bf16 keys stay in their
 dtype in memory; the queries are cast to the keys' dtype). When k exceeds the number of keys
@@ -24,6 +25,8 @@ import os
 from dataclasses import dataclass
 
 import torch
+
+from utils.search import block_scores, exact_topk
 
 BACKENDS = ("auto", "triton", "torch")
 # Largest k the kernel keeps in registers (the list is padded to a power of two per query).
@@ -112,56 +115,6 @@ def _check_inputs(queries: torch.Tensor, keys: torch.Tensor, k: int) -> None:
         raise ValueError(f"k must be a positive int, got {k!r}")
 
 
-def _chunk_scores(queries: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
-    """(Q, C) float32 scores of one key chunk."""
-    if queries.is_cuda and chunk.dtype in (torch.float16, torch.bfloat16):
-        try:
-            # fp32 output straight from the half-precision GEMM: no rounded bf16 scores.
-            return torch.mm(queries, chunk.t(), out_dtype=torch.float32)
-        except (RuntimeError, TypeError):
-            return (queries @ chunk.t()).float()
-    # CPU half-precision GEMMs are slow and round their output: compute in float32.
-    return queries.float() @ chunk.float().t()
-
-
-def topk_torch_chunked(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    k: int,
-    max_block_elements: int = DEFAULT_BLOCK_ELEMENTS,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k with torch ops, keys in chunks of at most `max_block_elements / Q` rows.
-
-    Args:
-        queries: (Q, D) query embeddings.
-        keys: (N, D) key embeddings.
-        k: results per query.
-        max_block_elements: bound on the elements of one fp32 score block.
-
-    Returns:
-        (Q, min(k, N)) float32 scores, best first, and their int64 key indices.
-    """
-    _check_inputs(queries, keys, k)
-    queries = queries.to(keys.dtype)
-    num_q, num_keys = queries.shape[0], keys.shape[0]
-    k_eff = min(k, num_keys)
-    best_val = torch.empty((num_q, 0), dtype=torch.float32, device=keys.device)
-    best_idx = torch.empty((num_q, 0), dtype=torch.int64, device=keys.device)
-    if k_eff == 0 or num_q == 0:
-        return best_val.new_empty((num_q, k_eff)), best_idx.new_empty((num_q, k_eff))
-    chunk = max(k_eff, max_block_elements // num_q)
-    for start in range(0, num_keys, chunk):
-        scores = _chunk_scores(queries, keys[start : start + chunk])
-        # Reduce the chunk to its own top-k before merging: concatenating the whole chunk
-        # to the running list would copy the largest tensor of the loop once more.
-        chunk_val, chunk_idx = scores.topk(min(k_eff, scores.shape[1]), dim=1)
-        cand_val = torch.cat([best_val, chunk_val], dim=1)
-        cand_idx = torch.cat([best_idx, chunk_idx + start], dim=1)
-        best_val, pos = cand_val.topk(min(k_eff, cand_val.shape[1]), dim=1)
-        best_idx = cand_idx.gather(1, pos)
-    return best_val, best_idx
-
-
 def topk_dense(queries: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The straightforward version: the full (Q, N) score matrix, then `torch.topk`.
 
@@ -171,7 +124,7 @@ def topk_dense(queries: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch
         (Q, min(k, N)) float32 scores, best first, and their int64 key indices.
     """
     _check_inputs(queries, keys, k)
-    scores = _chunk_scores(queries.to(keys.dtype), keys)
+    scores = block_scores(queries.to(keys.dtype), keys)
     return scores.topk(min(k, keys.shape[0]), dim=1)
 
 
@@ -264,4 +217,5 @@ def fused_topk(
     _check_inputs(queries, keys, k)
     if resolve_backend(backend, keys.device, k) == "triton":
         return topk_triton(queries, keys, k, config)
-    return topk_torch_chunked(queries, keys, k, max_block_elements)
+    corpus_block = max(min(k, keys.shape[0]), max_block_elements // max(1, queries.shape[0]))
+    return exact_topk(queries, keys, k, device=keys.device, dtype=keys.dtype, corpus_block=corpus_block)

@@ -56,6 +56,18 @@ def _block(x: ArrayLike, start: int, stop: int, device: torch.device, dtype: tor
     return part.to(device=device, dtype=dtype, non_blocking=True)
 
 
+def block_scores(queries: torch.Tensor, corpus: torch.Tensor) -> torch.Tensor:
+    """(Q, C) float32 scores of one block, accumulated in float32 whatever the input dtype."""
+    if queries.is_cuda and corpus.dtype in (torch.float16, torch.bfloat16):
+        try:
+            # fp32 output straight from the half-precision GEMM: no rounded half scores.
+            return torch.mm(queries, corpus.t(), out_dtype=torch.float32)
+        except (RuntimeError, TypeError):
+            return (queries @ corpus.t()).float()
+    # CPU half-precision GEMMs are slow and round their output: compute in float32.
+    return queries.float() @ corpus.float().t()
+
+
 def _default_dtype(x: ArrayLike) -> torch.dtype:
     if isinstance(x, torch.Tensor) and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
         return x.dtype
@@ -107,16 +119,23 @@ def exact_topk(
         return scores_out, index_out
     corpus_block = corpus_block or max(k_eff, min(n_c, 1 << 16))
     query_block = query_block or max(1, DEFAULT_BLOCK_ELEMENTS // corpus_block)
-    # A corpus small enough to sit on the device is moved there once, not once per query block.
-    resident = corpus_block >= n_c
+    # A corpus already on the device, or small enough to fit, is moved there once, not once
+    # per query block; blocks are then views of it.
+    on_device = isinstance(corpus, torch.Tensor) and corpus.device == device
+    resident = on_device or corpus_block >= n_c
     corpus_dev = _block(corpus, 0, n_c, device, dtype) if resident else None
+    if resident and _use_fused_kernel(device, k_eff):
+        from utils.fused_topk import topk_triton
+
+        best_s, best_i = topk_triton(_block(queries, 0, n_q, device, dtype), corpus_dev, k_eff)
+        return _order_ties_by_index(best_s, best_i)
     for q0 in range(0, n_q, query_block):
         q = _block(queries, q0, q0 + query_block, device, dtype)
         best_s = torch.empty((q.shape[0], 0), dtype=torch.float32, device=device)
         best_i = torch.empty((q.shape[0], 0), dtype=torch.long, device=device)
         for c0 in range(0, n_c, corpus_block):
-            c = corpus_dev if resident else _block(corpus, c0, c0 + corpus_block, device, dtype)
-            s = (q @ c.T).float()
+            c = corpus_dev[c0 : c0 + corpus_block] if resident else _block(corpus, c0, c0 + corpus_block, device, dtype)
+            s = block_scores(q, c)
             top_s, top_i = s.topk(min(k_eff, s.shape[1]), dim=1)
             cand_s = torch.cat([best_s, top_s], dim=1)
             cand_i = torch.cat([best_i, top_i + c0], dim=1)
@@ -127,6 +146,15 @@ def exact_topk(
         scores_out[q0 : q0 + q.shape[0]] = best_s
         index_out[q0 : q0 + q.shape[0]] = best_i
     return scores_out, index_out
+
+
+def _use_fused_kernel(device: torch.device, k: int) -> bool:
+    """On CUDA with Triton, the fused matmul + running top-k kernel replaces the block loop."""
+    if device.type != "cuda":
+        return False
+    from utils.fused_topk import resolve_backend
+
+    return resolve_backend("auto", device, k) == "triton"
 
 
 def _order_ties_by_index(scores: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
