@@ -75,6 +75,9 @@ class DataConfig:
 
     train_datasets: list[DatasetSpec] = field(default_factory=list)
     val_datasets: list[DatasetSpec] = field(default_factory=list)
+    # Pre-training: keep only these tasks of every dataset (with their mix ratios), so an
+    # objective ablation is one override; empty keeps every dataset's own task list.
+    pretrain_tasks: list[str] = field(default_factory=list)
     train_txt_dbs: list[str] = field(default_factory=list)
     train_img_dbs: list[str] = field(default_factory=list)
     val_txt_db: Optional[str] = None

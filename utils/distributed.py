@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -123,6 +124,11 @@ def init_distributed(mode: str = "auto", device: str = "auto") -> DistEnv:
 def shutdown(env: DistEnv) -> None:
     """Tear down the process group started by `init_distributed`."""
     if env.backend == "ddp" and dist.is_initialized():
+        # gloo's worker threads free a finished collective's tensors just after it completes,
+        # which needs the GIL; a group destroyed meanwhile (its destructor joins them while
+        # holding the GIL, e.g. when a DDP reducer drops the last reference) deadlocks.
+        # Releasing the GIL for a moment lets them finish first.
+        time.sleep(0.1)
         dist.destroy_process_group()
 
 
@@ -225,7 +231,9 @@ def all_gather_object(obj: object) -> list[object]:
         return [obj]
     hvd = _horovod_if_initialized()
     if hvd is not None:
-        return hvd.allgather_object(obj)
+        # Horovod names the collective after type(obj) unless told: ranks passing objects
+        # of different types (None on some) would wait on different collectives forever.
+        return hvd.allgather_object(obj, name="all_gather_object")
     out: list[object] = [None] * world
     dist.all_gather_object(out, obj)
     return out
@@ -238,7 +246,7 @@ def broadcast_object(obj: object, root: int = 0) -> object:
         return obj
     hvd = _horovod_if_initialized()
     if hvd is not None:
-        return hvd.broadcast_object(obj, root_rank=root)
+        return hvd.broadcast_object(obj, root_rank=root, name="broadcast_object")
     box = [obj]
     dist.broadcast_object_list(box, src=root)
     return box[0]
@@ -277,7 +285,11 @@ def wrap_optimizer(
     if env.backend != "horovod":
         return optimizer
     hvd = _import_horovod()
-    hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+    # Horovod fills an empty optimizer state with a zero-gradient step(), which applies
+    # AdamW's weight decay and advances its step count: a fresh optimizer is identical on
+    # every rank anyway, so only a loaded (non-empty) state is broadcast.
+    if optimizer.state_dict()["state"]:
+        hvd.broadcast_optimizer_state(optimizer, root_rank=0)
     return hvd.DistributedOptimizer(
         optimizer,
         named_parameters=model.named_parameters(),

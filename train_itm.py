@@ -1,0 +1,320 @@
+"""Fine-tune the LightningDOT bi-encoder for image-text retrieval (SPEC 6).
+
+    python train_itm.py --config configs/itm/flickr30k.yaml [--output_dir DIR]
+                        [--resume | --overwrite] [key=value ...]
+    torchrun --nproc_per_node N train_itm.py ...        horovodrun -np N python train_itm.py ...
+
+In-batch contrastive loss in both directions with negatives gathered over all ranks, optional
+hard negatives mined with the current model (between epochs or every `steps_per_hard_neg`
+steps), validation recall every `valid_steps`, the best checkpoint by RSUM kept as
+`ckpt/biencoder.best.pt`, and the test split evaluated with it into `test_results.json`.
+The original LightningDOT JSON configs load unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data.datasets import RetrievalDataset, retrieval_collate
+from data.txt_db import TxtDb
+from model.biencoder import BiEncoder
+from model.checkpoint import load_biencoder_weights, make_checkpoint
+from model.losses import contrastive_loss
+from optim.optimizer import build_optimizer
+from optim.schedule import build_scheduler
+from utils.config import (
+    ConfigError,
+    RunConfig,
+    add_config_args,
+    config_from_args,
+    config_to_dict,
+    require_path,
+    save_config,
+)
+from utils.distributed import (
+    DistEnv,
+    barrier,
+    init_distributed,
+    shutdown,
+    wrap_optimizer,
+)
+from utils.model_setup import build_biencoder_for_run, check_model_paths
+from utils.precision import Precision, resolve_precision
+from utils.retrieval import EvalSplit, HardNegativeMiner, evaluate_recall, open_img_db
+from utils.training import (
+    CKPT_DIR,
+    CONFIG_FILE,
+    MicroBatch,
+    ResumableLoader,
+    Trainer,
+    add_run_args,
+    atomic_torch_save,
+    derive_seed,
+    make_batch_sampler,
+    prepare_output_dir,
+    seed_everything,
+)
+
+logger = logging.getLogger("train_itm")
+
+TEST_RESULTS = "test_results.json"
+BEST_CKPT = "biencoder.best.pt"
+LAST_CKPT = "biencoder.last.pt"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command line: config, output dir, resume/overwrite, key=value overrides."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    add_run_args(parser)
+    return parser.parse_args(argv)
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Fail before any heavy work, naming the config key whose path is missing."""
+    data = cfg.data
+    if not data.train_txt_dbs:
+        require_path(None, "train_txt_dbs")
+    if len(data.train_img_dbs) != len(data.train_txt_dbs):
+        raise ConfigError(
+            f"train_txt_dbs has {len(data.train_txt_dbs)} entries but train_img_dbs has "
+            f"{len(data.train_img_dbs)}: give one img_db per txt_db"
+        )
+    for key in ("train_txt_dbs", "train_img_dbs"):
+        for i, path in enumerate(getattr(data, key)):
+            require_path(path, f"{key}[{i}]", "dir")
+    for split in ("val", "test"):
+        txt, img = getattr(data, f"{split}_txt_db"), getattr(data, f"{split}_img_db")
+        if bool(txt) != bool(img):
+            raise ConfigError(f"set both {split}_txt_db and {split}_img_db, or neither")
+        if txt:
+            require_path(txt, f"{split}_txt_db", "dir")
+            require_path(img, f"{split}_img_db", "dir")
+    check_model_paths(cfg.model)
+
+
+def itm_loss(model: torch.nn.Module, batch: Mapping[str, Any], task: str) -> dict[str, torch.Tensor]:
+    """Contrastive loss of a retrieval batch, negatives gathered over all ranks."""
+    txt_emb, img_emb = model(batch)
+    out = contrastive_loss(
+        txt_emb,
+        img_emb,
+        num_pos=batch["num_pos"],
+        txt_img_keys=batch["txt_img_keys"],
+        img_keys=batch["img_keys"],
+        mask_duplicates=True,
+    )
+    return {
+        "loss": out.loss,
+        "acc_t2i": out.n_correct_t2i.float() / out.n_pos,
+        "acc_i2t": out.n_correct_i2t.float() / out.n_pos,
+    }
+
+
+def build_model(cfg: RunConfig) -> BiEncoder:
+    """The initial bi-encoder: identical on every rank, a function of `train.seed` alone."""
+    seed_everything(cfg.train.seed)
+    return build_biencoder_for_run(cfg.model)
+
+
+class BestScore:
+    """Best validation RSUM so far and its step (saved with the training state)."""
+
+    def __init__(self) -> None:
+        self.rsum = -math.inf
+        self.step = -1
+        self.metrics: dict[str, Any] = {}
+
+    def update(self, metrics: Mapping[str, Any], step: int) -> bool:
+        """Record `metrics` if their RSUM beats the best; True when it does."""
+        if metrics["rsum"] <= self.rsum:
+            return False
+        self.rsum, self.step, self.metrics = float(metrics["rsum"]), step, dict(metrics)
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rsum": self.rsum, "step": self.step, "metrics": json.dumps(self.metrics)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.rsum, self.step = float(state["rsum"]), int(state["step"])
+        self.metrics = json.loads(state["metrics"])
+
+
+def save_model(model: BiEncoder, path: Path, cfg: RunConfig, extra: Mapping[str, Any], env: DistEnv) -> None:
+    """Our self-describing checkpoint (model config + run config + weights), rank 0 only."""
+    if env.is_main:
+        atomic_torch_save(make_checkpoint(model, config_to_dict(cfg), extra), path)
+
+
+def main(
+    argv: list[str] | None = None,
+    *,
+    on_step: Callable[[int, Mapping[str, float]], None] | None = None,
+) -> dict[str, Any]:
+    """Run fine-tuning; returns the best validation and the test metrics.
+
+    Args:
+        argv: command-line arguments (default: `sys.argv[1:]`).
+        on_step: called after every optimizer step with (step, metrics); tests use it.
+    """
+    args = parse_args(argv)
+    cfg = config_from_args(args)
+    check_paths(cfg)
+
+    # ---- device, precision and distribution: every such decision is made here, once ----
+    env = init_distributed(cfg.train.distributed, cfg.train.device)
+    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
+                        format=f"%(asctime)s [rank {env.rank}] %(name)s: %(message)s")
+    precision = resolve_precision(cfg.train.precision, env.device)
+    pin_memory = cfg.data.pin_mem and env.device.type == "cuda"
+    logger.info("device %s, %s, %d rank(s), precision %s", env.device, env.backend, env.world_size, precision.name)
+
+    try:
+        out = Path(cfg.output_dir)
+        resume_from = prepare_output_dir(
+            out, resume=args.resume, overwrite=args.overwrite, env=env, extra_artifacts=(TEST_RESULTS,)
+        )
+        if env.is_main:
+            save_config(cfg, out / CONFIG_FILE)
+
+        txt_dbs = [TxtDb(p, cfg.data.max_txt_len) for p in cfg.data.train_txt_dbs]
+        img_dbs = [open_img_db(p, cfg.data) for p in cfg.data.train_img_dbs]
+        dataset = RetrievalDataset(txt_dbs, img_dbs)
+        sampler = make_batch_sampler(
+            dataset.lens, cfg.train.train_batch_size, cfg.train.batch_size_unit, env,
+            seed=cfg.train.seed, shuffle=True, img_names=dataset.img_names,
+            allow_duplicate_images=cfg.data.duplicate_images == "mask",
+        )
+        loader = ResumableLoader(dataset, sampler, retrieval_collate, seed=cfg.train.seed,
+                                 num_workers=cfg.data.n_workers, pin_memory=pin_memory, name="train")
+        val = EvalSplit.open("val", cfg.data.val_txt_db, cfg.data.val_img_db, cfg.data) if cfg.data.val_txt_db else None
+        rcfg = cfg.retrieval
+        miner = HardNegativeMiner(dataset, rcfg.num_hard_negatives, rcfg.hard_negatives_sampling, cfg.train.seed)
+
+        model = build_model(cfg).to(env.device)
+        accumulation = max(1, cfg.train.gradient_accumulation_steps)
+        # Horovod swaps in its own optimizer object: wrap before the scheduler holds it.
+        optimizer = wrap_optimizer(build_optimizer(model, cfg.train), model, env, accumulation)
+        if cfg.train.num_train_steps > 0:
+            total_steps = cfg.train.num_train_steps
+        elif cfg.train.num_train_epochs > 0:
+            total_steps = cfg.train.num_train_epochs * math.ceil(loader.batches_per_epoch() / accumulation)
+        else:
+            raise ConfigError("set train.num_train_steps or train.num_train_epochs to a positive number")
+        scheduler = build_scheduler(optimizer, cfg.train, total_steps)
+        # Dropout and anything else random differs per rank from here on.
+        seed_everything(derive_seed(cfg.train.seed, env.rank))
+
+        best = BestScore()
+        trainer = Trainer(
+            model, optimizer, scheduler, precision, env, cfg.train,
+            total_steps=total_steps, output_dir=out, run_config=config_to_dict(cfg),
+            stateful={"train_loader": loader, "hard_negatives": miner, "best": best},
+            resume_from=resume_from, on_step=on_step,
+        )
+        try:
+            _train(cfg, env, precision, model, trainer, loader, miner, val, best, out, accumulation)
+            results = _finish(cfg, env, precision, model, trainer, best, out)
+        finally:
+            trainer.close()
+        return results
+    finally:
+        shutdown(env)
+
+
+def _mining_due(cfg: RunConfig, miner: HardNegativeMiner, loader: ResumableLoader, step: int) -> bool:
+    if not miner.enabled:
+        return False
+    first = 0 if cfg.retrieval.sample_init_hard_negatives else 1
+    every = cfg.retrieval.steps_per_hard_neg
+    if every > 0:
+        return step % every == 0 and step >= first * every and miner.mined_at != step
+    return loader.at_epoch_start and loader.epoch >= first and miner.mined_epoch != loader.epoch
+
+
+def _train(
+    cfg: RunConfig,
+    env: DistEnv,
+    precision: Precision,
+    model: BiEncoder,
+    trainer: Trainer,
+    loader: ResumableLoader,
+    miner: HardNegativeMiner,
+    val: EvalSplit | None,
+    best: BestScore,
+    out: Path,
+    accumulation: int,
+) -> None:
+    while not trainer.done:
+        micro_batches = []
+        for _ in range(accumulation):
+            if _mining_due(cfg, miner, loader, trainer.step):
+                miner.mine(model, trainer.step, loader.epoch, env, precision, cfg.train, cfg.data)
+                # Workers hold a copy of the dataset: restart them on the new negatives.
+                loader.reset()
+            batch = loader.next_batch()
+            micro_batches.append(MicroBatch("itm", batch, loader.describe_last()))
+        trainer.train_step(micro_batches, itm_loss)
+
+        if trainer.every(cfg.train.valid_steps) or trainer.done:
+            if val is not None:
+                metrics = evaluate_recall(model, val, env, precision, cfg.train, cfg.data)
+                trainer.log(metrics, "val")
+                logger.info("step %d: val RSUM %.2f (best %.2f)", trainer.step, metrics["rsum"], max(best.rsum, 0.0))
+                if best.update(metrics, trainer.step):
+                    save_model(model, out / CKPT_DIR / BEST_CKPT, cfg,
+                               {"step": trainer.step, "val_rsum": metrics["rsum"]}, env)
+            if cfg.train.save_steps == 0:
+                trainer.save_state()
+        if cfg.train.save_steps > 0 and (trainer.every(cfg.train.save_steps) or trainer.done):
+            trainer.save_state()
+
+
+def _finish(
+    cfg: RunConfig,
+    env: DistEnv,
+    precision: Precision,
+    model: BiEncoder,
+    trainer: Trainer,
+    best: BestScore,
+    out: Path,
+) -> dict[str, Any]:
+    """Save the last model, evaluate the best one on the test split."""
+    save_model(model, out / CKPT_DIR / LAST_CKPT, cfg, {"step": trainer.step}, env)
+    best_path = out / CKPT_DIR / BEST_CKPT
+    results: dict[str, Any] = {"step": trainer.step, "best_step": best.step, "val": best.metrics or None}
+    if cfg.data.test_txt_db:
+        checkpoint = best_path if best.step >= 0 else out / CKPT_DIR / LAST_CKPT
+        _barrier_for_file(checkpoint)
+        load_biencoder_weights(model, checkpoint)
+        test = EvalSplit.open("test", cfg.data.test_txt_db, cfg.data.test_img_db, cfg.data)
+        metrics = evaluate_recall(model, test, env, precision, cfg.train, cfg.data)
+        trainer.log(metrics, "test")
+        results["test"] = metrics
+        if env.is_main:
+            payload = {"checkpoint": str(checkpoint), "step": best.step if best.step >= 0 else trainer.step,
+                       "test_txt_db": cfg.data.test_txt_db, "test_img_db": cfg.data.test_img_db, **metrics}
+            tmp = out / f".{TEST_RESULTS}.tmp"
+            tmp.write_text(json.dumps(payload, indent=2))
+            os.replace(tmp, out / TEST_RESULTS)
+        logger.info("test: %s", json.dumps(metrics))
+    return results
+
+
+def _barrier_for_file(path: Path) -> None:
+    """Rank 0 wrote `path`; make the other ranks wait until they can read it."""
+    barrier()
+    if not path.is_file():
+        raise FileNotFoundError(f"expected checkpoint {path} (written by rank 0) is missing")
+
+
+if __name__ == "__main__":
+    main()

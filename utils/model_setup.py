@@ -1,0 +1,91 @@
+"""Build the model a run config describes, with the initial weights it names.
+
+The training scripts and evaluation share this so that one config key means the same
+thing everywhere: `txt_model_config` (local HF directory or BERT config JSON; a directory's
+weights initialise the text tower), `img_model_config` (image tower config JSON),
+`txt_checkpoint` (BERT weights), `img_checkpoint` (UNITER weights for the image tower),
+`biencoder_checkpoint` (a whole bi-encoder: ours, original fine-tuned or pre-trained), and for
+pre-training `checkpoint` (a whole pre-training model with its heads). Later ones override
+earlier ones.
+"""
+from __future__ import annotations
+
+import logging
+
+from model.biencoder import BiEncoder, build_biencoder
+from model.checkpoint import (
+    load_biencoder_weights,
+    load_image_tower_from_uniter,
+    load_pretrain_weights,
+    load_text_tower_weights,
+)
+from model.pretrain_heads import PretrainModel
+from utils.config import ModelConfig, require_path
+
+logger = logging.getLogger(__name__)
+
+
+def check_model_paths(cfg: ModelConfig, *, pretrain: bool = False) -> None:
+    """Fail early, naming the key, when a checkpoint path of the model section is missing.
+
+    (`txt_model_config` / `img_model_config` are checked when the model is built: a hub
+    name there gets its own message.)
+    """
+    for key in ("txt_checkpoint", "img_checkpoint", "biencoder_checkpoint"):
+        if getattr(cfg, key):
+            require_path(getattr(cfg, key), key, "file")
+    if pretrain and cfg.checkpoint:
+        require_path(cfg.checkpoint, "checkpoint", "file")
+
+
+def build_biencoder_for_run(cfg: ModelConfig) -> BiEncoder:
+    """The bi-encoder of the model section, initialised from the checkpoints it names.
+
+    Args:
+        cfg: the run config's model section.
+
+    Raises:
+        FileNotFoundError: a config or checkpoint path does not exist (the key is named).
+    """
+    if not cfg.txt_model_config:
+        raise FileNotFoundError(
+            "config key 'txt_model_config' is not set: give a local HF BERT directory or a BERT config JSON"
+        )
+    if not cfg.img_model_config:
+        raise FileNotFoundError("config key 'img_model_config' is not set: give the image tower's config JSON")
+    check_model_paths(cfg)
+    model = build_biencoder(
+        cfg.txt_model_config,
+        cfg.img_model_config,
+        project_dim=cfg.project_dim,
+        dropout=cfg.dropout,
+        cls_concat=cfg.cls_concat,
+        fix_txt_encoder=cfg.fix_txt_encoder,
+        fix_img_encoder=cfg.fix_img_encoder,
+    )
+    if cfg.txt_checkpoint:
+        load_text_tower_weights(model, cfg.txt_checkpoint)
+        logger.info("text tower initialised from %s", cfg.txt_checkpoint)
+    if cfg.img_checkpoint:
+        load_image_tower_from_uniter(model, cfg.img_checkpoint)
+        logger.info("image tower initialised from %s", cfg.img_checkpoint)
+    if cfg.biencoder_checkpoint:
+        load_biencoder_weights(model, cfg.biencoder_checkpoint)
+        logger.info("bi-encoder initialised from %s", cfg.biencoder_checkpoint)
+    return model
+
+
+def build_pretrain_model_for_run(cfg: ModelConfig, mask_duplicates: bool = True) -> PretrainModel:
+    """The pre-training model (bi-encoder + VMLM / SMRM heads) of the model section.
+
+    Args:
+        cfg: the run config's model section; `checkpoint`, when set, is a pre-training
+            checkpoint (original `model_step_N.pt` or ours) loaded last, heads included.
+        mask_duplicates: CMR removes other captions of a row's image from its negatives.
+    """
+    check_model_paths(cfg, pretrain=True)
+    model = PretrainModel(build_biencoder_for_run(cfg), mask_duplicates=mask_duplicates)
+    if cfg.checkpoint:
+        load_pretrain_weights(model, cfg.checkpoint)
+        logger.info("pre-training model initialised from %s", cfg.checkpoint)
+    return model
