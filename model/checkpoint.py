@@ -264,18 +264,35 @@ def _uniter_body(state: Mapping[str, torch.Tensor], path: PathLike) -> dict[str,
     return state
 
 
-def load_cross_encoder_weights(model: UniterCrossEncoder, path: PathLike) -> None:
+def load_cross_encoder_weights(
+    model: UniterCrossEncoder, path: PathLike, allow_biencoder_init: bool = False
+) -> None:
     """Load a UNITER checkpoint (fine-tuned ITM or pre-trained) or ours into `model`.
 
     `rank_output` may be absent (pre-trained UNITER): it is re-tied to row 1 of
     `itm_output` after loading in every case, as the original does at inference. The
     pre-training heads of a pre-trained UNITER file are dropped.
+
+    Args:
+        model: the cross-encoder to fill.
+        path: the checkpoint file.
+        allow_biencoder_init: also accept our bi-encoder / pre-training checkpoints, whose
+            image tower is a UNITER body: it initialises the cross-encoder (the ITM head
+            stays freshly initialised), as UNITER-base initialises the image tower. Only for
+            starting a training run; scoring with such a file would be meaningless.
     """
     obj = read_weights(path)
     if obj.get("format") in OUR_FORMATS:
         obj = _check_ours(obj, path)
         if obj["format"] != CROSS_ENCODER_FORMAT:
-            raise CheckpointError(f"{path} holds a {obj['format']} checkpoint, not a cross-encoder")
+            if not allow_biencoder_init:
+                raise CheckpointError(f"{path} holds a {obj['format']} checkpoint, not a cross-encoder")
+            tower = "img_model.bert." if obj["format"] == BIENCODER_FORMAT else "bert.img_model.bert."
+            body = {"uniter." + k: v for k, v in select_prefix(obj["model"], tower).items()}
+            load_strict(model, body, path, "UNITER cross-encoder (from an image tower)",
+                        allow_missing=("rank_output.", "itm_output."))
+            model.tie_rank_output()
+            return
         state = obj["model"]
     else:
         state = _uniter_body(obj, path)

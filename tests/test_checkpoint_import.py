@@ -335,3 +335,21 @@ def test_initialise_biencoder_applies_tower_checkpoints(tmp_path) -> None:
     assert_loaded(model.txt_model.bert, txt)
     img = uniter_state(seed=12, finetuned=False, gamma_beta=False)
     assert_loaded(model.img_model.bert, {k[len("uniter."):]: v for k, v in img.items() if k.startswith("uniter.")})
+
+
+def test_cross_encoder_initialised_from_our_biencoder_image_tower(tmp_path) -> None:
+    biencoder = new_biencoder()
+    save_checkpoint(biencoder, tmp_path / "bi.pt")
+    model = UniterCrossEncoder(CrossEncoderConfig(dict(TINY_BERT))).eval()
+    head_before = model.itm_output.weight.clone()
+    with pytest.raises(CheckpointError, match="not a cross-encoder"):
+        load_cross_encoder_weights(model, tmp_path / "bi.pt")
+    load_cross_encoder_weights(model, tmp_path / "bi.pt", allow_biencoder_init=True)
+    tower = biencoder.img_model.bert.state_dict()
+    body = model.uniter.state_dict()
+    assert set(tower) == set(body)
+    for key, value in tower.items():
+        assert torch.equal(body[key], value), key
+    # The ITM head is not part of an image tower: it keeps its initialisation.
+    assert torch.equal(model.itm_output.weight, head_before)
+    torch.testing.assert_close(model.rank_output.weight[0], model.itm_output.weight[1])

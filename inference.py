@@ -1,0 +1,719 @@
+"""Encode an evaluation split, build indexes, search both directions, report recall.
+
+    python inference.py --config CONFIG --checkpoint CKPT --output_dir OUT [key=value ...]
+    python inference.py query --index_dir OUT --checkpoint CKPT "two dogs running on a beach"
+    python inference.py query --index_dir OUT --image NAME
+
+CONFIG is one of our YAML configs or an original LightningDOT eval / fine-tuning JSON. The
+split is `data.test_txt_db` / `data.test_img_db`, or the `val_*` pair with
+`retrieval.eval_split=val`. CKPT is one of our checkpoints (the model is rebuilt from it
+alone) or an original one (`biencoder.*.pt` with `model_dict`, or a pre-training
+`model_step_N.pt` with `bert.` keys), in which case the towers come from the config's
+`txt_model_config`, `img_model_config` and `project_dim`.
+
+Written to OUT, each file atomically, `info.json` last (its presence marks a complete run):
+
+* `img_emb.npy` (num_images, D) float32, images in the key order of the split's
+  `img2txts.json`; `txt_emb.npy` (num_captions, D) float32, captions in `id2len.json` order
+  after the `max_txt_len` filter;
+* `ids.json`: `{"img_ids": [...], "txt_ids": [...]}`, the row order of both arrays;
+* `img.index`, `txt.index`: faiss indexes (`retrieval.index_type`) of the image and caption
+  embeddings; ids are row numbers of the arrays above;
+* `topk.json`: `{"text_to_image": {caption id: [[image name, score], ...]},
+  "image_to_text": {image name: [[caption id, score], ...]}}`, keyed by the QUERY, at most
+  `retrieval.top_k` candidates per query, best first, never padded;
+* `recall.json`: SPEC 7 recall (`utils/metrics.py` layout) of the exact dot-product ranking
+  over the whole split, or the COCO 1K 5-fold average when `retrieval.coco_1k`;
+* `info.json`: the split (paths, counts, reading parameters), the checkpoint, the bi-encoder
+  config, the protocol, extra recalls (`recall_full_split` under COCO 1K, `recall_index` for
+  an approximate index: recall of its top-k lists) and `timing` in seconds.
+
+Images and captions are encoded in batches sorted by length (longest first, so an
+out-of-memory error shows at once), without gradient, under autocast on a GPU; every batch
+carries its canonical positions, and the embeddings go through shards that are merged in
+canonical order, so neither the order nor the corpus size depends on memory. Under torchrun
+every rank encodes a share and rank 0 merges, searches and writes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from utils.config import (
+    ConfigError,
+    RunConfig,
+    add_config_args,
+    config_from_args,
+    require_path,
+)
+
+logger = logging.getLogger("inference")
+
+INFO_FILE = "info.json"
+IDS_FILE = "ids.json"
+TOPK_FILE = "topk.json"
+RECALL_FILE = "recall.json"
+IMG_EMB_FILE = "img_emb.npy"
+TXT_EMB_FILE = "txt_emb.npy"
+IMG_INDEX_FILE = "img.index"
+TXT_INDEX_FILE = "txt.index"
+OUTPUT_FILES = (IMG_EMB_FILE, TXT_EMB_FILE, IDS_FILE, IMG_INDEX_FILE, TXT_INDEX_FILE, TOPK_FILE, RECALL_FILE)
+SHARD_DIR = "shards"
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+class RetrievalDirError(ValueError):
+    """A retrieval directory that is incomplete or belongs to another split."""
+
+
+# ---------------------------------------------------------------- files
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON to a temporary file beside `path`, then rename it into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """Read a JSON file, naming `what` it is when it is missing or broken."""
+    path = Path(path)
+    if not path.is_file():
+        raise RetrievalDirError(f"{what} {path} does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise RetrievalDirError(f"{what} {path} is not valid JSON: {err}") from err
+
+
+# ---------------------------------------------------------------- split
+
+
+@dataclass(frozen=True)
+class Split:
+    """The evaluation split a run reads, with the parameters that change what is read."""
+
+    name: str
+    txt_db: str
+    img_db: str
+    max_txt_len: int
+    conf_th: float
+    max_bb: int
+    min_bb: int
+    num_bb: int
+    compressed_db: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (stored in info.json)."""
+        return dict(self.__dict__)
+
+
+def resolve_split(config: RunConfig) -> Split:
+    """The split named by `retrieval.eval_split` (`test` or `val`), paths checked.
+
+    Raises:
+        ConfigError: the split's txt_db / img_db keys are not set.
+        FileNotFoundError: they point nowhere (the message names the key).
+    """
+    name = config.retrieval.eval_split
+    txt_key, img_key = f"{name}_txt_db", f"{name}_img_db"
+    txt_db = require_path(getattr(config.data, txt_key), f"data.{txt_key}", "dir")
+    img_db = require_path(getattr(config.data, img_key), f"data.{img_key}", "dir")
+    d = config.data
+    return Split(
+        name=name,
+        txt_db=str(txt_db.resolve()),
+        img_db=str(img_db.resolve()),
+        max_txt_len=d.max_txt_len,
+        conf_th=d.conf_th,
+        max_bb=d.max_bb,
+        min_bb=d.min_bb,
+        num_bb=d.num_bb,
+        compressed_db=d.compressed_db,
+    )
+
+
+def open_split(split: Split):
+    """(TxtDb, ImgDb) of a split."""
+    from data.img_db import ImgDb
+    from data.txt_db import TxtDb
+
+    txt_db = TxtDb(split.txt_db, split.max_txt_len)
+    img_db = ImgDb(
+        split.img_db, split.conf_th, split.max_bb, split.min_bb, split.num_bb, split.compressed_db
+    )
+    return txt_db, img_db
+
+
+def caption_image_indices(txt_db, img_ids: Sequence[str]) -> np.ndarray:
+    """Image row of every caption of `txt_db` (in `txt_db.ids` order)."""
+    position = {name: i for i, name in enumerate(img_ids)}
+    out = np.empty(len(txt_db.ids), dtype=np.int64)
+    for t, txt_id in enumerate(txt_db.ids):
+        name = txt_db.txt2img[txt_id]
+        if name not in position:
+            raise ValueError(
+                f"txt_db {txt_db.db_dir}: caption {txt_id!r} belongs to image {name!r}, which is "
+                f"not a key of img2txts.json"
+            )
+        out[t] = position[name]
+    return out
+
+
+def check_retrieval_dir(retrieval_dir: str | os.PathLike, split: Split) -> dict[str, Any]:
+    """Read `info.json` of an inference output and check it was made from `split`.
+
+    Returns:
+        The info dict.
+
+    Raises:
+        RetrievalDirError: incomplete directory, or produced from another split / filter.
+    """
+    retrieval_dir = Path(retrieval_dir)
+    info = read_json(retrieval_dir / INFO_FILE, "retrieval info (written last by inference.py)")
+    saved = info.get("split", {})
+    fields = ("name", "txt_db", "img_db", "max_txt_len", "conf_th", "max_bb", "min_bb", "num_bb", "compressed_db")
+    diffs = [
+        f"{key}: retrieval_dir has {saved.get(key)!r}, the config gives {getattr(split, key)!r}"
+        for key in fields
+        if saved.get(key) != getattr(split, key)
+    ]
+    if diffs:
+        raise RetrievalDirError(
+            f"{retrieval_dir / INFO_FILE} was produced from a different split than the one "
+            f"configured; re-run inference.py for this split or fix the config:\n  "
+            + "\n  ".join(diffs)
+        )
+    for name in (IDS_FILE, TOPK_FILE):
+        if not (retrieval_dir / name).is_file():
+            raise RetrievalDirError(f"{retrieval_dir}: {name} is missing (inference did not finish?)")
+    return info
+
+
+# ---------------------------------------------------------------- model
+
+
+def checkpoint_format(path: str | os.PathLike) -> str:
+    """`ours` (self-describing), `original-biencoder` (`model_dict`) or `original-pretrain`."""
+    from model.checkpoint import OUR_FORMATS
+    from model.state_dicts import read_weights
+
+    obj = read_weights(path)
+    if obj.get("format") in OUR_FORMATS:
+        return "ours"
+    if "model_dict" in obj:
+        return "original-biencoder"
+    if any(k.startswith("bert.") for k in obj):
+        return "original-pretrain"
+    return "state-dict"
+
+
+def load_biencoder(
+    checkpoint: str | os.PathLike, config: RunConfig | None = None, model_config: Mapping[str, Any] | None = None
+):
+    """The bi-encoder of `checkpoint`, in eval mode, and the checkpoint's format.
+
+    Our checkpoints rebuild their model alone. An original checkpoint needs the towers'
+    configs: `model_config` (a `BiEncoderConfig` dict, e.g. from info.json) or the run config's
+    `model.txt_model_config`, `model.img_model_config` and `model.project_dim`.
+
+    Raises:
+        FileNotFoundError: the checkpoint or a tower config does not exist.
+        model.state_dicts.CheckpointError: the weights do not fit the configured towers.
+    """
+    from model.biencoder import BiEncoder, BiEncoderConfig, build_biencoder
+    from model.checkpoint import build_biencoder_from_checkpoint, load_biencoder_weights
+
+    path = require_path(str(checkpoint), "--checkpoint", "file")
+    fmt = checkpoint_format(path)
+    if fmt == "ours":
+        model = build_biencoder_from_checkpoint(path)
+    else:
+        if model_config is not None:
+            model = BiEncoder(BiEncoderConfig.from_dict(model_config))
+        elif config is not None:
+            m = config.model
+            for key in ("txt_model_config", "img_model_config"):
+                if not getattr(m, key):
+                    raise ConfigError(f"{path} is an original checkpoint: set model.{key} (its tower config)")
+            # build_biencoder names the key of a missing path (and refuses hub names offline).
+            model = build_biencoder(m.txt_model_config, m.img_model_config, project_dim=m.project_dim)
+        else:
+            raise ConfigError(f"{path} is an original checkpoint: its tower configs are needed")
+        load_biencoder_weights(model, path)
+    return model.eval(), fmt
+
+
+def pick_precision(requested: str, config_precision: str, device: torch.device):
+    """Inference precision: `auto` = autocast on a GPU (the config's fp16/bf16, else bf16
+    when supported, else fp16), fp32 on a CPU."""
+    from utils.precision import resolve_precision
+
+    if requested == "auto":
+        if device.type != "cuda":
+            requested = "fp32"
+        elif config_precision in ("fp16", "bf16"):
+            requested = config_precision
+        else:
+            requested = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return resolve_precision(requested, device)
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def _to_device(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, Mapping):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    return x
+
+
+def encode_split(
+    dataset: torch.utils.data.Dataset,
+    collate_fn: Callable[[list], dict[str, Any]],
+    lengths: Sequence[int],
+    encode: Callable[[dict[str, Any]], torch.Tensor],
+    writer,
+    batch_size: int,
+    device: torch.device,
+    precision,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    desc: str = "encode",
+) -> int:
+    """Encode this rank's share of `dataset` into `writer`, longest examples first.
+
+    Args:
+        dataset: eval dataset whose batches carry `index` (canonical positions).
+        collate_fn: its collate function.
+        lengths: per-example length used for sorting (tokens or boxes).
+        encode: batch (on device) -> (B, D) embeddings.
+        writer: `utils.search.EmbeddingShardWriter`.
+        batch_size: examples per batch.
+        device: compute device.
+        precision: `utils.precision.Precision` (its autocast is used).
+        rank: this rank; it takes every `world_size`-th example of the sorted order.
+        world_size: number of ranks.
+        num_workers: DataLoader workers.
+        desc: progress label.
+
+    Returns:
+        Number of examples this rank encoded.
+    """
+    from tqdm.auto import tqdm
+
+    # Stable sort: equal lengths keep canonical order, so runs are reproducible.
+    order = sorted(range(len(dataset)), key=lambda i: -lengths[i])[rank::world_size]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batches,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    done = 0
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc=desc, disable=rank != 0 or not sys.stderr.isatty()):
+            with precision.autocast():
+                emb = encode(_to_device(batch, device))
+            writer.add(batch["index"], emb.float())
+            done += len(batch["index"])
+    return done
+
+
+def batch_encoders(model) -> dict[str, Callable[[dict[str, Any]], torch.Tensor]]:
+    """Eval batch -> embeddings, for the image (`img`) and caption (`txt`) batches."""
+
+    def images(batch: dict[str, Any]) -> torch.Tensor:
+        img = batch["img"]
+        return model.encode_image(img["img_feat"], img["img_pos"], img["img_mask"])
+
+    def texts(batch: dict[str, Any]) -> torch.Tensor:
+        return model.encode_text(batch["txt"]["input_ids"], batch["txt"]["attention_mask"])
+
+    return {"img": images, "txt": texts}
+
+
+# ---------------------------------------------------------------- search
+
+
+def topk_lists(
+    queries: np.ndarray,
+    corpus: np.ndarray,
+    k: int,
+    index=None,
+    device: torch.device | None = None,
+    query_block: int = 65536,
+) -> list[list[tuple[int, float]]]:
+    """Per query, [(corpus row, score), ...] best first (at most min(k, N), never padded).
+
+    Exact search (`utils.search.exact_topk`, on `device`) unless an approximate `index` over
+    `corpus` is given.
+    """
+    from utils.search import exact_topk, results_to_lists
+
+    if index is None:
+        return results_to_lists(*exact_topk(queries, corpus, k, device=device))
+    lists: list[list[tuple[int, float]]] = []
+    # Query blocks keep a memory-mapped query side out of memory.
+    for start in range(0, queries.shape[0], query_block):
+        lists += results_to_lists(*index.search(np.asarray(queries[start : start + query_block], dtype=np.float32), k))
+    return lists
+
+
+def _named(lists: list[list[tuple[int, float]]], query_ids: Sequence[str], cand_ids: Sequence[str]) -> dict:
+    return {q: [[cand_ids[c], s] for c, s in row] for q, row in zip(query_ids, lists)}
+
+
+# ---------------------------------------------------------------- main run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command line of the encode / index / evaluate run."""
+    parser = argparse.ArgumentParser(
+        description="Encode a split, build indexes, search and evaluate (see module docstring).",
+        epilog="Search a built index: inference.py query --help",
+    )
+    add_config_args(parser)
+    parser.add_argument("--checkpoint", required=True, help="our checkpoint or an original one")
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default="auto",
+        help="auto: autocast (bf16/fp16) on a GPU, fp32 on a CPU",
+    )
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="encoding batch (default retrieval.inf_minibatch_size or train.val_batch_size)")
+    parser.add_argument("--shard_size", type=int, default=65536, help="embeddings per shard file")
+    return parser
+
+
+def run(config: RunConfig, checkpoint: str, out_dir: str | os.PathLike, precision_name: str = "auto",
+        batch_size: int | None = None, shard_size: int = 65536) -> dict[str, Any]:
+    """Encode, index, search and evaluate one split; see the module docstring for outputs.
+
+    Returns:
+        The info dict (also written to `info.json`), plus `recall` (rank 0; other ranks get
+        an empty dict).
+    """
+    from data.datasets import (
+        ImageEvalDataset,
+        TextEvalDataset,
+        image_eval_collate,
+        text_eval_collate,
+    )
+    from utils.distributed import barrier, init_distributed, shutdown
+    from utils.metrics import (
+        fold_recall_from_embeddings,
+        recall_from_candidates,
+        recall_from_embeddings,
+    )
+    from utils.search import (
+        EmbeddingShardWriter,
+        build_index,
+        index_embeddings,
+        merge_shards,
+        remove_shards,
+    )
+
+    t_start = time.perf_counter()
+    timing: dict[str, float] = {}
+    split = resolve_split(config)
+    env = init_distributed(config.train.distributed, config.train.device)
+    out = Path(out_dir)
+    shard_dir = out / SHARD_DIR
+    try:
+        # Inputs first: a wrong path or checkpoint fails before the output directory is touched.
+        txt_db, img_db = open_split(split)
+        img_ids = list(txt_db.img_order)
+        txt_ids = list(txt_db.ids)
+        if not img_ids or not txt_ids:
+            raise ValueError(f"split {split.name}: {len(img_ids)} images and {len(txt_ids)} captions; nothing to evaluate")
+        txt2img = caption_image_indices(txt_db, img_ids)
+        t0 = time.perf_counter()
+        model, fmt = load_biencoder(checkpoint, config)
+        model.to(env.device)
+        precision = pick_precision(precision_name, config.train.precision, env.device)
+        timing["load_model_s"] = time.perf_counter() - t0
+        dim = model.txt_model.out_dim
+        model_config = model.config.to_dict()
+        bs = batch_size or config.retrieval.inf_minibatch_size or config.train.val_batch_size
+        workers = config.data.n_workers
+
+        if env.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            # info.json marks a complete run: drop the old one first so a crash below never
+            # leaves a stale marker next to half-replaced files.
+            (out / INFO_FILE).unlink(missing_ok=True)
+            _remove_shard_dir(shard_dir)
+        barrier()
+        encoders = batch_encoders(model)
+        for side, dataset, collate in (
+            ("img", ImageEvalDataset(img_db, img_ids), image_eval_collate),
+            ("txt", TextEvalDataset(txt_db), text_eval_collate),
+        ):
+            t0 = time.perf_counter()
+            writer = EmbeddingShardWriter(shard_dir, f"{side}-r{env.rank}", dim, shard_size)
+            encode_split(dataset, collate, dataset.lens, encoders[side], writer, bs, env.device, precision,
+                         env.rank, env.world_size, workers, desc=f"encode {side}")
+            writer.close()
+            if env.device.type == "cuda":
+                torch.cuda.synchronize(env.device)
+            timing[f"encode_{'images' if side == 'img' else 'texts'}_s"] = time.perf_counter() - t0
+        # The towers are not needed for searching: free their (GPU) memory.
+        del model, encoders
+        barrier()
+        if not env.is_main:
+            return {}
+
+        t0 = time.perf_counter()
+        for side, n in (("img", len(img_ids)), ("txt", len(txt_ids))):
+            parts = [shard_dir / f"{side}-r{r}-manifest.json" for r in range(env.world_size)]
+            merged = _merge_rank_manifests(parts, shard_dir / f"{side}-manifest.json")
+            merge_shards(merged, out / (IMG_EMB_FILE if side == "img" else TXT_EMB_FILE), n)
+            for part in parts:
+                remove_shards(part)
+            merged.unlink()
+        _remove_shard_dir(shard_dir)
+        timing["merge_s"] = time.perf_counter() - t0
+        timing["encode_s"] = timing["encode_images_s"] + timing["encode_texts_s"]
+
+        img_emb = np.load(out / IMG_EMB_FILE, mmap_mode="r")
+        txt_emb = np.load(out / TXT_EMB_FILE, mmap_mode="r")
+        atomic_write_json(out / IDS_FILE, {"img_ids": img_ids, "txt_ids": txt_ids})
+
+        t0 = time.perf_counter()
+        kind = config.retrieval.index_type
+        img_index = index_embeddings(build_index(kind, dim), img_emb)
+        txt_index = index_embeddings(build_index(kind, dim), txt_emb)
+        img_index.serialize(out / IMG_INDEX_FILE)
+        txt_index.serialize(out / TXT_INDEX_FILE)
+        timing["index_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        k = config.retrieval.top_k
+        approx = kind != "flat"
+        t2i = topk_lists(txt_emb, img_emb, k, img_index if approx else None, env.device)
+        i2t = topk_lists(img_emb, txt_emb, k, txt_index if approx else None, env.device)
+        timing["search_s"] = time.perf_counter() - t0
+        atomic_write_json(
+            out / TOPK_FILE,
+            {"text_to_image": _named(t2i, txt_ids, img_ids), "image_to_text": _named(i2t, img_ids, txt_ids)},
+        )
+
+        t0 = time.perf_counter()
+        extra: dict[str, Any] = {}
+        full = recall_from_embeddings(txt_emb, img_emb, txt2img, device=env.device)
+        if config.retrieval.coco_1k:
+            recall = fold_recall_from_embeddings(txt_emb, img_emb, txt2img, n_folds=5, device=env.device)
+            extra["recall_full_split"] = full
+        else:
+            recall = full
+        if approx:
+            extra["recall_index"] = recall_from_candidates(
+                [[c for c, _ in row] for row in t2i], [[s for _, s in row] for row in t2i],
+                [[c for c, _ in row] for row in i2t], [[s for _, s in row] for row in i2t],
+                txt2img,
+            )
+        timing["recall_s"] = time.perf_counter() - t0
+        atomic_write_json(out / RECALL_FILE, recall)
+
+        timing["total_s"] = time.perf_counter() - t_start
+        timing["images_per_s"] = len(img_ids) / max(timing["encode_images_s"], 1e-9)
+        timing["captions_per_s"] = len(txt_ids) / max(timing["encode_texts_s"], 1e-9)
+        info = {
+            "split": split.to_dict(),
+            "num_images": len(img_ids),
+            "num_captions": len(txt_ids),
+            "checkpoint": str(Path(checkpoint).resolve()),
+            "checkpoint_format": fmt,
+            # Lets `query` rebuild the towers around an original checkpoint.
+            "model_config": model_config,
+            "tokenizer": _tokenizer_path(config),
+            "embedding_dim": dim,
+            "index_type": kind,
+            "top_k": k,
+            "protocol": "coco_1k" if config.retrieval.coco_1k else "full",
+            "device": str(env.device),
+            "precision": precision.name,
+            "world_size": env.world_size,
+            **extra,
+            "timing": timing,
+        }
+        atomic_write_json(out / INFO_FILE, info)
+        _log_recall(recall, info)
+        return {**info, "recall": recall}
+    except BaseException:
+        if env.is_main:
+            _remove_shard_dir(shard_dir)
+        raise
+    finally:
+        shutdown(env)
+
+
+def _remove_shard_dir(shard_dir: Path) -> None:
+    """Delete a shard directory (left by a crashed run or this one's merge)."""
+    if shard_dir.is_dir():
+        for stale in shard_dir.iterdir():
+            stale.unlink()
+        shard_dir.rmdir()
+
+
+def _merge_rank_manifests(parts: Sequence[Path], target: Path) -> Path:
+    """One manifest listing the shards of every rank (shard names stay unique per rank)."""
+    shards, total, dim = [], 0, None
+    for part in parts:
+        meta = json.loads(part.read_text())
+        shards += meta["shards"]
+        total += meta["total"]
+        dim = meta["dim"]
+    atomic_write_json(target, {"dim": dim, "total": total, "shards": shards})
+    return target
+
+
+def _tokenizer_path(config: RunConfig) -> str | None:
+    m = config.model
+    if m.tokenizer:
+        return str(Path(m.tokenizer).resolve())
+    if m.txt_model_config and Path(m.txt_model_config).is_dir():
+        return str(Path(m.txt_model_config).resolve())
+    return None
+
+
+def _log_recall(recall: Mapping[str, Any], info: Mapping[str, Any]) -> None:
+    tr, ir = recall["image_to_text"], recall["text_to_image"]
+    logger.info(
+        "%s split (%d images, %d captions, %s): TR %.2f/%.2f/%.2f IR %.2f/%.2f/%.2f RSUM %.2f",
+        info["split"]["name"], info["num_images"], info["num_captions"], info["protocol"],
+        tr["R@1"], tr["R@5"], tr["R@10"], ir["R@1"], ir["R@5"], ir["R@10"], recall["rsum"],
+    )
+
+
+# ---------------------------------------------------------------- query mode
+
+
+def build_query_parser() -> argparse.ArgumentParser:
+    """Command line of `inference.py query`."""
+    parser = argparse.ArgumentParser(
+        prog="inference.py query",
+        description="Search a built index: a caption for images, or (--image) an image for captions.",
+    )
+    parser.add_argument("--index_dir", required=True, help="output directory of an inference run")
+    parser.add_argument("--checkpoint", default=None, help="bi-encoder checkpoint (text queries)")
+    parser.add_argument("--tokenizer", default=None, help="local tokenizer directory (text queries)")
+    parser.add_argument("--image", default=None, help="image name: list its best captions")
+    parser.add_argument("--top_k", type=int, default=10)
+    parser.add_argument("text", nargs="?", default=None, help="the caption to search images for")
+    return parser
+
+
+def _load_tokenizer(path: str | None):
+    if not path:
+        raise ConfigError(
+            "a text query needs a tokenizer: pass --tokenizer DIR (a local HF tokenizer "
+            "directory with vocab.txt / tokenizer.json) or set model.tokenizer in the config"
+        )
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"tokenizer directory {path} does not exist")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def query(argv: Sequence[str]) -> dict[str, Any]:
+    """The `query` sub-command; prints the hits and returns `{"query", "results"}`."""
+    from utils.search import load_index, results_to_lists
+
+    args = build_query_parser().parse_args(list(argv))
+    index_dir = Path(args.index_dir)
+    info = read_json(index_dir / INFO_FILE, "retrieval info")
+    ids = read_json(index_dir / IDS_FILE, "ids file")
+    if (args.image is None) == (args.text is None):
+        raise ValueError("give either a caption to search for, or --image NAME (not both)")
+    if args.image is not None:
+        if args.image not in ids["img_ids"]:
+            raise KeyError(f"image {args.image!r} is not in {index_dir / IDS_FILE}")
+        row = ids["img_ids"].index(args.image)
+        vector = np.load(index_dir / IMG_EMB_FILE, mmap_mode="r")[row : row + 1]
+        index = load_index(index_dir / TXT_INDEX_FILE)
+        names = ids["txt_ids"]
+        label = f"image {args.image}"
+    else:
+        if args.checkpoint is None:
+            raise ConfigError("a text query needs --checkpoint (the bi-encoder that built the index)")
+        tokenizer = _load_tokenizer(args.tokenizer or info.get("tokenizer"))
+        model, _ = load_biencoder(args.checkpoint, model_config=info.get("model_config"))
+        max_len = info["split"]["max_txt_len"]
+        tokens = tokenizer(args.text, add_special_tokens=False)["input_ids"]
+        tokens = tokens[:max_len] if max_len and max_len > 0 else tokens
+        input_ids = torch.tensor([[tokenizer.cls_token_id, *tokens, tokenizer.sep_token_id]])
+        with torch.inference_mode():
+            vector = model.encode_text(input_ids, torch.ones_like(input_ids)).float().numpy()
+        index = load_index(index_dir / IMG_INDEX_FILE)
+        names = ids["img_ids"]
+        label = f"caption {args.text!r}"
+    hits = results_to_lists(*index.search(np.asarray(vector, dtype=np.float32), args.top_k))[0]
+    results = [[names[i], s] for i, s in hits]
+    texts = _caption_texts(info, [name for name, _ in results]) if args.image is not None else {}
+    print(f"top {len(results)} for {label}:")
+    for rank, (name, score) in enumerate(results, 1):
+        text = f"  {texts[name]}" if name in texts else ""
+        print(f"{rank:3d}. {score:9.4f}  {name}{text}")
+    return {"query": args.image if args.image is not None else args.text, "results": results}
+
+
+def _caption_texts(info: Mapping[str, Any], txt_ids: Sequence[str]) -> dict[str, str]:
+    """Caption id -> raw text for `txt_ids`, from the split's txt_db when still readable."""
+    from data.txt_db import TxtDb
+
+    try:
+        db = TxtDb(info["split"]["txt_db"], info["split"]["max_txt_len"])
+        records = {t: db.record(t) for t in txt_ids}
+    except (FileNotFoundError, ValueError, KeyError):
+        return {}
+    out = {}
+    for txt_id, record in records.items():
+        raw = record.get("raw") or record.get("toked_caption")
+        if isinstance(raw, str):
+            out[txt_id] = raw
+    return out
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run inference (or `query ...`); returns the info dict with `recall`, or the hits."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "query":
+        return query(argv[1:])
+    args = build_parser().parse_args(argv)
+    out_dir = args.output_dir
+    config = config_from_args(args)
+    if out_dir is None:
+        out_dir = config.output_dir
+    return run(config, args.checkpoint, out_dir, args.precision, args.batch_size, args.shard_size)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    main()
