@@ -251,6 +251,9 @@ def candidate_pairs(t2i: Candidates, i2t: Candidates) -> list[Pair]:
     return list(pairs)
 
 
+ALPHA_GRID = tuple(i / 10 for i in range(11))
+
+
 def fuse(
     candidates: Candidates,
     cross: Mapping[Pair, float],
@@ -337,9 +340,17 @@ def rerank_retrieval_dir(
     cross = dict(zip(pairs, scores.tolist()))
     t2i_fused = fuse(t2i, cross, alpha, query_is_text=True)
     i2t_fused = fuse(i2t, cross, alpha, query_is_text=False)
+    # Recall at other weights costs only a re-sort of the scored lists: reported so alpha can
+    # be chosen on a validation split and then applied to the test split.
+    sweep = {}
+    for grid_alpha in ALPHA_GRID:
+        t2i_a = fuse(t2i, cross, grid_alpha, query_is_text=True)
+        i2t_a = fuse(i2t, cross, grid_alpha, query_is_text=False)
+        sweep[f"{grid_alpha:.1f}"] = lists_recall(t2i_a, i2t_a, ids, txt2img, score_at=3)
     result = {
         "before": lists_recall(t2i_fused, i2t_fused, ids, txt2img, score_at=1),
         "after": lists_recall(t2i_fused, i2t_fused, ids, txt2img, score_at=3),
+        "alpha_sweep": sweep,
         "top_m": top_m,
         "alpha": alpha,
         "num_pairs": len(pairs),
@@ -527,6 +538,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     from utils.config import config_to_dict, save_config
     from utils.distributed import init_distributed, shutdown
     from utils.precision import resolve_precision
+    from utils.distributed import wrap_optimizer
     from utils.training import (
         CKPT_DIR,
         CONFIG_FILE,
@@ -616,7 +628,8 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         )
         if total_steps <= 0:
             raise ConfigError("set train.num_train_steps or train.num_train_epochs")
-        optimizer = build_optimizer(model, c.train)
+        # Horovod's DistributedOptimizer is a new object: the scheduler must see that one.
+        optimizer = wrap_optimizer(build_optimizer(model, c.train), model, env, accumulation)
         scheduler = build_scheduler(optimizer, c.train, total_steps)
         best: dict[str, float] = {"accuracy": -1.0, "step": 0}
 

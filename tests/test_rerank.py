@@ -78,6 +78,7 @@ def test_ground_truth_scorer_gives_perfect_r1_whenever_found(workspace, retrieva
         assert after[d]["R@1"] == after[d]["R@5"] == after[d]["R@10"]
         assert after[d]["R@1"] >= before[d]["R@1"]
     assert scorer.calls == 1 and result["num_pairs"] <= (60 + 12) * top_m
+    assert result["alpha_sweep"]["0.0"] == after and result["alpha_sweep"]["1.0"] == before
     assert {p.name for p in tmp_path.iterdir()} == {"rerank.json", "rerank_scores.json"}
 
 
@@ -85,6 +86,8 @@ def test_alpha_one_reproduces_stage_one(workspace, retrieval_dir, tmp_path):
     config = load_config(workspace.config)
     result = rerank.rerank_retrieval_dir(retrieval_dir, resolve_split(config), RandomScorer(), 4, 1.0, tmp_path)
     assert result["after"] == result["before"]
+    # The sweep re-sorts the same scored lists: its alpha 1 is stage 1 again.
+    assert result["alpha_sweep"]["1.0"] == result["before"]
     topk = json.loads((retrieval_dir / "topk.json").read_text())
     scores = json.loads((tmp_path / "rerank_scores.json").read_text())
     for direction in ("text_to_image", "image_to_text"):
