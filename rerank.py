@@ -536,9 +536,8 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     from optim.optimizer import build_optimizer
     from optim.schedule import build_scheduler
     from utils.config import config_to_dict, save_config
-    from utils.distributed import init_distributed, shutdown
+    from utils.distributed import init_distributed, shutdown, wrap_optimizer
     from utils.precision import resolve_precision
-    from utils.distributed import wrap_optimizer
     from utils.training import (
         CKPT_DIR,
         CONFIG_FILE,

@@ -172,6 +172,12 @@ class PretrainModel(nn.Module):
     def forward_itm(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """CMR: contrastive loss on the projected embeddings, negatives gathered globally."""
         txt_emb, img_emb = self.bert(batch)
+        return self.cmr_outputs(txt_emb, img_emb, batch)
+
+    def cmr_outputs(
+        self, txt_emb: torch.Tensor, img_emb: torch.Tensor, batch: Mapping[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        """CMR loss and accuracy counts from already computed embeddings of `batch`."""
         out = contrastive_loss(
             txt_emb,
             img_emb,

@@ -127,13 +127,13 @@ class Demo:
     def _pretrain_overrides(self) -> list[str]:
         d = self.data_dir
         datasets = (
-            "data.train_datasets=[{name: synthetic, db: [%s], img: [%s], "
+            f"data.train_datasets=[{{name: synthetic, db: [{d / 'txt_db/train'}], img: [{d / 'img_db'}], "
             "tasks: [itm, mlm, mrfr, mrckl], mix_ratio: [4, 2, 1, 1]}]"
-        ) % (d / "txt_db/train", d / "img_db")
+        )
         val = (
-            "data.val_datasets=[{name: synthetic, db: [%s], img: [%s], "
+            f"data.val_datasets=[{{name: synthetic, db: [{d / 'txt_db/val'}], img: [{d / 'img_db'}], "
             "tasks: [itm, mlm, mrfr, mrckl]}]"
-        ) % (d / "txt_db/val", d / "img_db")
+        )
         return [datasets, val, f"model.tokenizer={d / 'tokenizer'}"]
 
     # ------------------------------------------------------------------ stages

@@ -19,10 +19,11 @@ import difflib
 import json
 import logging
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -43,14 +44,14 @@ class ModelConfig:
     img_model_type: str = "uniter-base"
     img_model_config: str = ""
     # UNITER cross-encoder config (re-ranking).
-    model_config: Optional[str] = None
-    img_checkpoint: Optional[str] = None
-    txt_checkpoint: Optional[str] = None
-    biencoder_checkpoint: Optional[str] = None
+    model_config: str | None = None
+    img_checkpoint: str | None = None
+    txt_checkpoint: str | None = None
+    biencoder_checkpoint: str | None = None
     # Cross-encoder (UNITER) weights for rerank.py; a bi-encoder checkpoint elsewhere.
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
     # Local tokenizer directory; defaults to txt_model_config when that is a directory.
-    tokenizer: Optional[str] = None
+    tokenizer: str | None = None
     project_dim: int = 768
     dropout: float = 0.1
     cls_concat: Literal["add", "multiply", "none"] = "add"
@@ -80,10 +81,10 @@ class DataConfig:
     pretrain_tasks: list[str] = field(default_factory=list)
     train_txt_dbs: list[str] = field(default_factory=list)
     train_img_dbs: list[str] = field(default_factory=list)
-    val_txt_db: Optional[str] = None
-    val_img_db: Optional[str] = None
-    test_txt_db: Optional[str] = None
-    test_img_db: Optional[str] = None
+    val_txt_db: str | None = None
+    val_img_db: str | None = None
+    test_txt_db: str | None = None
+    test_img_db: str | None = None
     compressed_db: bool = False
     conf_th: float = 0.2
     max_bb: int = 100
@@ -143,7 +144,7 @@ class RetrievalConfig:
     sample_init_hard_negatives: bool = False
     retrieval_mode: Literal["img_only", "txt_only", "both"] = "both"
     caption_score_weight: float = 0.0
-    itm_global_file: Optional[str] = None
+    itm_global_file: str | None = None
     index_type: Literal["flat", "hnsw", "ivfpq"] = "flat"
     inf_minibatch_size: int = 0
     # Candidates saved per query in topk.json.
@@ -202,6 +203,10 @@ IGNORED_ORIGINAL_KEYS = (
 )
 
 
+# `Optional[X]` and `X | None` annotations.
+_UNION_TYPES = (typing.Union, types.UnionType)
+
+
 def _fp16_to_precision(value: Any) -> str:
     return "fp16" if value else "fp32"
 
@@ -239,7 +244,7 @@ def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin is typing.Union:
+    if origin in _UNION_TYPES:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"list[{_type_name(typing.get_args(tp)[0])}]"
@@ -250,7 +255,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against annotation `tp`, converting strings from the command line."""
     origin = typing.get_origin(tp)
     bad = ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-    if origin is typing.Union:
+    if origin in _UNION_TYPES:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.cross_encoder import UniterCrossEncoder
-from model.losses import contrastive_loss, mlm_loss, mrckl_loss, mrfr_loss
+from model.losses import mlm_loss, mrckl_loss, mrfr_loss
 from model.pretrain_heads import TASKS, PretrainModel, combine_cls
 from model.towers import CLS_TOKEN_ID, ImageTower, TextTower, UniterModel
 
@@ -409,20 +409,7 @@ def pretrain_forward_packed(
             bienc.img_model, img["img_feat"], img["img_pos"], img["img_mask"], img.get("img_masked"),
             use_flash=use_flash,
         )
-        out = contrastive_loss(
-            txt_emb,
-            img_emb,
-            num_pos=batch.get("num_pos"),
-            txt_img_keys=batch.get("txt_img_keys"),
-            img_keys=batch.get("img_keys"),
-            mask_duplicates=model.mask_duplicates,
-        )
-        return {
-            "loss": out.loss,
-            "n_correct_t2i": out.n_correct_t2i,
-            "n_correct_i2t": out.n_correct_i2t,
-            "n_pos": torch.tensor(out.n_pos, device=out.loss.device),
-        }
+        return model.cmr_outputs(txt_emb, img_emb, batch)
     if task == "mlm":
         labels = batch["txt_labels"]
         with _trainable_context(bienc.txt_model):
