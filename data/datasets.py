@@ -344,12 +344,13 @@ class VmlmDataset(_CaptionImageDataset):
 
 
 def vmlm_collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Batch ``{txt, img, txt_labels}``; labels are -100 except at masked positions."""
+    """Batch ``{txt, img, txt_labels, txt_ids, img_names}``; labels are -100 except at masked positions."""
     txt = collate_text([it["input_ids"] for it in items])
     labels = pad_sequence([it["txt_labels"] for it in items], batch_first=True,
                           padding_value=IGNORE_INDEX)
     img = collate_images([it["img_feat"] for it in items], [it["img_pos"] for it in items])
-    return {"txt": txt, "img": img, "txt_labels": labels}
+    return {"txt": txt, "img": img, "txt_labels": labels,
+            "txt_ids": [it["txt_id"] for it in items], "img_names": [it["img_name"] for it in items]}
 
 
 class SmrmDataset(_CaptionImageDataset):
@@ -375,7 +376,7 @@ class SmrmDataset(_CaptionImageDataset):
 
 
 def smrm_collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Batch ``{txt, img, feat_targets, label_targets}``.
+    """Batch ``{txt, img, feat_targets, label_targets, txt_ids, img_names}``.
 
     Masked boxes have their features zeroed in ``img["img_feat"]``; the targets are their
     original features and soft labels, in ``img["img_masked"].nonzero()`` order.
@@ -387,7 +388,8 @@ def smrm_collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     label_targets = torch.cat([it["soft_labels"][m] for it, m in zip(items, masked)])
     img["img_feat"][img["img_masked"]] = 0.0
     return {"txt": collate_text([it["input_ids"] for it in items]), "img": img,
-            "feat_targets": feat_targets, "label_targets": label_targets}
+            "feat_targets": feat_targets, "label_targets": label_targets,
+            "txt_ids": [it["txt_id"] for it in items], "img_names": [it["img_name"] for it in items]}
 
 
 class ImageEvalDataset(Dataset):

@@ -134,7 +134,7 @@ def test_vmlm_batch(dbs):
     tdb, idb = dbs
     ds = VmlmDataset([tdb], [idb], mask_prob=0.15, seed=3)
     batch = vmlm_collate([ds[i] for i in range(6)])
-    assert set(batch) == {"txt", "img", "txt_labels"}
+    assert set(batch) == {"txt", "img", "txt_labels", "txt_ids", "img_names"}
     _check_text(batch["txt"], tdb, 6)
     labels, mask = batch["txt_labels"], batch["txt"]["attention_mask"]
     assert labels.shape == mask.shape and labels.dtype == torch.long
@@ -161,7 +161,7 @@ def test_smrm_batch(dbs):
     ds = SmrmDataset([tdb], [idb], mrm_prob=0.15, seed=1)
     items = [ds[i] for i in (0, 5, 20, 33)]
     batch = smrm_collate(items)
-    assert set(batch) == {"txt", "img", "feat_targets", "label_targets"}
+    assert set(batch) == {"txt", "img", "feat_targets", "label_targets", "txt_ids", "img_names"}
     img = batch["img"]
     masked = img["img_masked"]
     assert masked.dtype == torch.bool and masked.shape == img["img_mask"].shape
