@@ -37,6 +37,7 @@ every rank encodes a share and rank 0 merges, searches and writes.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -57,6 +58,8 @@ from utils.config import (
     config_from_args,
     require_path,
 )
+from utils.retrieval import embed_batch
+from utils.training import to_device
 
 logger = logging.getLogger("inference")
 
@@ -279,14 +282,6 @@ def pick_precision(requested: str, config_precision: str, device: torch.device):
 # ---------------------------------------------------------------- encoding
 
 
-def _to_device(x: Any, device: torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, Mapping):
-        return {k: _to_device(v, device) for k, v in x.items()}
-    return x
-
-
 def encode_split(
     dataset: torch.utils.data.Dataset,
     collate_fn: Callable[[list], dict[str, Any]],
@@ -336,23 +331,10 @@ def encode_split(
     with torch.inference_mode():
         for batch in tqdm(loader, desc=desc, disable=rank != 0 or not sys.stderr.isatty()):
             with precision.autocast():
-                emb = encode(_to_device(batch, device))
+                emb = encode(to_device(batch, device))
             writer.add(batch["index"], emb.float())
             done += len(batch["index"])
     return done
-
-
-def batch_encoders(model) -> dict[str, Callable[[dict[str, Any]], torch.Tensor]]:
-    """Eval batch -> embeddings, for the image (`img`) and caption (`txt`) batches."""
-
-    def images(batch: dict[str, Any]) -> torch.Tensor:
-        img = batch["img"]
-        return model.encode_image(img["img_feat"], img["img_pos"], img["img_mask"])
-
-    def texts(batch: dict[str, Any]) -> torch.Tensor:
-        return model.encode_text(batch["txt"]["input_ids"], batch["txt"]["attention_mask"])
-
-    return {"img": images, "txt": texts}
 
 
 # ---------------------------------------------------------------- search
@@ -466,7 +448,7 @@ def run(config: RunConfig, checkpoint: str, out_dir: str | os.PathLike, precisio
             (out / INFO_FILE).unlink(missing_ok=True)
             _remove_shard_dir(shard_dir)
         barrier()
-        encoders = batch_encoders(model)
+        encoders = {side: functools.partial(embed_batch, model, side=side) for side in ("img", "txt")}
         for side, dataset, collate in (
             ("img", ImageEvalDataset(img_db, img_ids), image_eval_collate),
             ("txt", TextEvalDataset(txt_db), text_eval_collate),

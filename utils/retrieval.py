@@ -78,6 +78,14 @@ class EvalSplit:
         return cls.from_dbs(name, TxtDb(txt_db_path, data.max_txt_len), open_img_db(img_db_path, data))
 
 
+def embed_batch(model: BiEncoder, batch: Mapping[str, Any], side: str) -> torch.Tensor:
+    """(B, D) embeddings of an eval batch: captions (`side="txt"`) or images (`"img"`)."""
+    if side == "txt":
+        return model.encode_text(batch["txt"]["input_ids"], batch["txt"]["attention_mask"])
+    img = batch["img"]
+    return model.encode_image(img["img_feat"], img["img_pos"], img["img_mask"])
+
+
 def _encode(
     model: BiEncoder,
     dataset: Any,
@@ -97,11 +105,7 @@ def _encode(
     for batch in loader:
         batch = to_device(batch, env.device)
         with precision.autocast():
-            if side == "txt":
-                emb = model.encode_text(batch["txt"]["input_ids"], batch["txt"]["attention_mask"])
-            else:
-                img = batch["img"]
-                emb = model.encode_image(img["img_feat"], img["img_pos"], img["img_mask"])
+            emb = embed_batch(model, batch, side)
         embs.append(emb.float())
         index.append(batch["index"])
     local = torch.cat(embs)
