@@ -41,12 +41,28 @@ def read_weights(path: str | os.PathLike[str]) -> dict:
             from safetensors.torch import load_file
 
             return dict(load_file(str(p), device="cpu"))
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        obj = _torch_load(p)
     except Exception as err:  # torch raises several types for a bad or unsafe pickle
         raise CheckpointError(f"cannot read weights from {p}: {err}") from err
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{p} holds a {type(obj).__name__}, not a dict of weights")
     return dict(obj)
+
+
+def _torch_load(path: Path) -> object:
+    """`torch.load` on the CPU, memory-mapped when the file allows it.
+
+    Mapping makes a checkpoint that is opened twice (format detection, then loading) or
+    only partly used (one tower of it) cost little more than its header. Files written in
+    torch's legacy (pre-zip) format, as some 2020 UNITER releases are, cannot be mapped and
+    are read in full.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def rename_gamma_beta(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

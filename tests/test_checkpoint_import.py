@@ -353,3 +353,17 @@ def test_cross_encoder_initialised_from_our_biencoder_image_tower(tmp_path) -> N
     # The ITM head is not part of an image tower: it keeps its initialisation.
     assert torch.equal(model.itm_output.weight, head_before)
     torch.testing.assert_close(model.rank_output.weight[0], model.itm_output.weight[1])
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_checkpoints_in_both_torch_save_formats_load(tmp_path, zip_format) -> None:
+    # Checkpoints from 2020 may predate torch's zip format, which cannot be memory-mapped.
+    from model.state_dicts import read_weights
+
+    state = {"encoder.weight": torch.randn(3, 4), "encoder.bias": torch.randn(3)}
+    path = tmp_path / "weights.pt"
+    torch.save(state, path, _use_new_zipfile_serialization=zip_format)
+    loaded = read_weights(path)
+    assert set(loaded) == set(state)
+    for key, value in state.items():
+        assert torch.equal(loaded[key], value)
