@@ -457,25 +457,6 @@ def build_train_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _ItmHardNegativeTarget:
-    """Adapter: `utils.retrieval.HardNegativeMiner` hands its lists to an `ItmRankDataset`.
-
-    The miner (written for the bi-encoder's `RetrievalDataset`) calls `set_hard_negatives`;
-    an ITM dataset takes the first entries of each list as its first negatives and samples
-    the rest, so the mined lists only need to reach its `hard_negatives`.
-    """
-
-    def __init__(self, dataset) -> None:
-        self.dataset = dataset
-        self.txt_dbs = dataset.txt_dbs
-        self.img_dbs = dataset.img_dbs
-
-    def set_hard_negatives(self, txt2neg_imgs, img2neg_txts, num_hard_negatives: int) -> None:
-        from data.datasets import HardNegatives
-
-        self.dataset.hard_negatives = HardNegatives(txt2neg_imgs, img2neg_txts)
-
-
 def hard_negative_miner(config: RunConfig, dataset):
     """A miner of the bi-encoder's hard negatives for `dataset`, or None when not asked for.
 
@@ -498,7 +479,7 @@ def hard_negative_miner(config: RunConfig, dataset):
             "retrieval.num_hard_negatives > 0 mines hard negatives with the bi-encoder: set "
             "model.biencoder_checkpoint (or num_hard_negatives=0 for sampled negatives only)"
         )
-    return HardNegativeMiner(_ItmHardNegativeTarget(dataset), r.num_hard_negatives, r.hard_negatives_sampling,
+    return HardNegativeMiner(dataset, r.num_hard_negatives, r.hard_negatives_sampling,
                              config.train.seed)
 
 

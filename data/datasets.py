@@ -222,12 +222,9 @@ class _CaptionImageDataset(Dataset):
         return feat, pos
 
 
-class RetrievalDataset(_CaptionImageDataset):
-    """Caption-image pairs for contrastive training (CMR pre-training and fine-tuning).
-
-    Each example is one caption and its image, plus optional hard negatives (images for the
-    caption and captions for the image) set with :meth:`set_hard_negatives`.
-    """
+class _HardNegativeDataset(_CaptionImageDataset):
+    """Caption-image examples that can take mined hard negatives (images for the caption,
+    captions for the image), e.g. from `utils.retrieval.HardNegativeMiner`."""
 
     def __init__(self, txt_dbs: Sequence[TxtDb], img_dbs: Sequence[ImgDb]) -> None:
         super().__init__(txt_dbs, img_dbs)
@@ -261,6 +258,14 @@ class RetrievalDataset(_CaptionImageDataset):
                                          f"is not in txt_db {tdb.db_dir}")
         self.hard_negatives = HardNegatives(txt2neg_imgs, img2neg_txts)
         self.num_hard_negatives = num_hard_negatives
+
+
+class RetrievalDataset(_HardNegativeDataset):
+    """Caption-image pairs for contrastive training (CMR pre-training and fine-tuning).
+
+    Each example is one caption and its image, plus optional hard negatives (images for the
+    caption and captions for the image) set with :meth:`set_hard_negatives`.
+    """
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         k, txt_id = self._examples[i]
@@ -472,7 +477,7 @@ def pair_collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "img_names": [it["img_name"] for it in items]}
 
 
-class ItmRankDataset(_CaptionImageDataset):
+class ItmRankDataset(_HardNegativeDataset):
     """Groups of one positive pair and its negatives for cross-encoder ranking training.
 
     UNITER's recipe: for each caption, ``negative_size`` negative images paired with the
