@@ -19,6 +19,8 @@ would.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import math
@@ -238,10 +240,12 @@ class Demo:
         for txt_id in chosen:
             text, truth = test_db.record(txt_id)["raw"], test_db.txt2img[txt_id]
             print(f"\nquery: {text!r}  (its image {truth}: {_describe(objects.get(truth, []))})")
-            hits = inference.main([
-                "query", "--index_dir", str(index_dir), "--checkpoint", str(checkpoint),
-                "--tokenizer", str(self.data_dir / "tokenizer"), "--top_k", "3", text,
-            ])
+            # The query CLI prints bare names; the demo prints them with their objects instead.
+            with contextlib.redirect_stdout(io.StringIO()):
+                hits = inference.main([
+                    "query", "--index_dir", str(index_dir), "--checkpoint", str(checkpoint),
+                    "--tokenizer", str(self.data_dir / "tokenizer"), "--top_k", "3", text,
+                ])
             print("  bi-encoder top 3:")
             for rank, (name, _) in enumerate(hits["results"], 1):
                 print(f"    {rank}. {'*' if name == truth else ' '} {name}: {_describe(objects.get(name, []))}")
