@@ -269,12 +269,13 @@ class UniterModel(nn.Module):
         return self.encoder(hidden, attention_mask=bias).last_hidden_state
 
 
-class TextTower(nn.Module):
-    """BERT text encoder: `bert` (HF BertModel, pooler included) + optional `encode_proj`."""
+class _ProjectedTower(nn.Module):
+    """A `bert` body whose position-0 hidden state, optionally through `encode_proj`, is the
+    tower's embedding. Subclasses build `bert`, then call `_add_projection`."""
 
-    def __init__(self, config: BertConfig, project_dim: int = 0) -> None:
-        super().__init__()
-        self.bert = BertModel(config)
+    bert: nn.Module
+
+    def _add_projection(self, config: BertConfig, project_dim: int) -> None:
         self.encode_proj = make_encode_proj(config.hidden_size, project_dim) if project_dim > 0 else None
         if self.encode_proj is not None:
             init_bert_weights(self.encode_proj, config.initializer_range)
@@ -285,37 +286,37 @@ class TextTower(nn.Module):
         if self.encode_proj is not None:
             return self.encode_proj[-1].out_features
         return self.bert.config.hidden_size
+
+    def project(self, cls_hidden: torch.Tensor) -> torch.Tensor:
+        """Apply `encode_proj` (identity when there is none)."""
+        return self.encode_proj(cls_hidden) if self.encode_proj is not None else cls_hidden
+
+
+class TextTower(_ProjectedTower):
+    """BERT text encoder: `bert` (HF BertModel, pooler included) + optional `encode_proj`."""
+
+    def __init__(self, config: BertConfig, project_dim: int = 0) -> None:
+        super().__init__()
+        self.bert = BertModel(config)
+        self._add_projection(config, project_dim)
 
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L, H) last-layer hidden states (token type 0, positions 0..L-1)."""
         out = self.bert(input_ids=input_ids, attention_mask=attention_mask)
         return out.last_hidden_state
 
-    def project(self, cls_hidden: torch.Tensor) -> torch.Tensor:
-        """Apply `encode_proj` (identity when there is none)."""
-        return self.encode_proj(cls_hidden) if self.encode_proj is not None else cls_hidden
-
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, D) embedding: projected last-layer [CLS] hidden state (not the pooler)."""
         return self.project(self.hidden(input_ids, attention_mask)[:, 0])
 
 
-class ImageTower(nn.Module):
+class ImageTower(_ProjectedTower):
     """UNITER image encoder: `bert` (UniterModel) + optional `encode_proj`."""
 
     def __init__(self, config: BertConfig, project_dim: int = 0, img_dim: int = IMG_DIM) -> None:
         super().__init__()
         self.bert = UniterModel(config, img_dim)
-        self.encode_proj = make_encode_proj(config.hidden_size, project_dim) if project_dim > 0 else None
-        if self.encode_proj is not None:
-            init_bert_weights(self.encode_proj, config.initializer_range)
-
-    @property
-    def out_dim(self) -> int:
-        """Size of the embedding this tower returns."""
-        if self.encode_proj is not None:
-            return self.encode_proj[-1].out_features
-        return self.bert.config.hidden_size
+        self._add_projection(config, project_dim)
 
     def hidden(
         self,
@@ -329,10 +330,6 @@ class ImageTower(nn.Module):
         cls_ids = torch.full((batch, 1), CLS_TOKEN_ID, dtype=torch.long, device=img_feat.device)
         cls_mask = torch.ones((batch, 1), dtype=img_mask.dtype, device=img_mask.device)
         return self.bert(cls_ids, cls_mask, img_feat, img_pos, img_mask, img_masked)
-
-    def project(self, cls_hidden: torch.Tensor) -> torch.Tensor:
-        """Apply `encode_proj` (identity when there is none)."""
-        return self.encode_proj(cls_hidden) if self.encode_proj is not None else cls_hidden
 
     def forward(
         self,
