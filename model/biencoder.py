@@ -25,6 +25,7 @@ from model.towers import (
     ImageTower,
     TextTower,
     build_bert_config,
+    config_from_dict,
     hf_weights_file,
     read_bert_config,
 )
@@ -79,11 +80,7 @@ class BiEncoderConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BiEncoderConfig:
         """Inverse of `to_dict`; unknown keys raise."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown BiEncoderConfig keys: {unknown}")
-        return cls(**dict(data))
+        return config_from_dict(cls, data)
 
 
 class BiEncoder(nn.Module):

@@ -21,7 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.losses import hinge_ranking_loss, softmax_ranking_loss
-from model.towers import IMG_DIM, UniterModel, build_bert_config, read_bert_config
+from model.towers import (
+    IMG_DIM,
+    UniterModel,
+    build_bert_config,
+    config_from_dict,
+    read_bert_config,
+)
 
 RANK_LOSSES = ("hinge", "softmax")
 
@@ -57,11 +63,7 @@ class CrossEncoderConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CrossEncoderConfig:
         """Inverse of `to_dict`; unknown keys raise."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown CrossEncoderConfig keys: {unknown}")
-        return cls(**dict(data))
+        return config_from_dict(cls, data)
 
 
 class UniterCrossEncoder(nn.Module):

@@ -12,8 +12,10 @@ checkpoints load without renaming.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +104,15 @@ def _config_file(path: str | os.PathLike[str], role: str) -> Path:
     raise FileNotFoundError(
         f"{role}: {text!r} does not exist; give a local model directory or a BERT config JSON"
     )
+
+
+def config_from_dict(cls: type, data: Mapping[str, Any]) -> Any:
+    """Build the model-config dataclass `cls` from its `to_dict` form; unknown keys raise."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys: {unknown}")
+    return cls(**dict(data))
 
 
 def build_bert_config(
