@@ -1,4 +1,4 @@
-"""Shared test set-up: the `slow` marker and the repo root on sys.path."""
+"""Shared test set-up: the `slow` marker, the repo root on sys.path, the original-config fixtures."""
 from __future__ import annotations
 
 import os
@@ -10,6 +10,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+# Fixtures of the original LightningDOT / UNITER config layouts (see tests/fixtures/README.md).
+ORIGINAL_CONFIGS_DIR = Path(__file__).resolve().parent / "fixtures" / "original_configs"
 
 # Two cores: torch and faiss each spin their own OpenMP pool; keep them from fighting.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

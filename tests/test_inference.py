@@ -12,6 +12,7 @@ import inference
 from model.state_dicts import CheckpointError
 from tests import _inference_fixtures as fixtures
 from tests._inference_fixtures import Workspace
+from tests.conftest import ORIGINAL_CONFIGS_DIR
 from tests.test_metrics import assert_same as assert_same_recall
 from tests.test_metrics import brute_force_recall
 from utils.config import ConfigError
@@ -197,9 +198,7 @@ def test_clear_errors(workspace, tmp_path):
 
 @pytest.mark.parametrize("name", ["flickr30k_eval_config.json", "coco_eval_config.json"])
 def test_original_eval_configs_load_unchanged_and_name_the_missing_path(name, tmp_path):
-    config = Path(__file__).resolve().parents[2] / "shared" / "reference_configs" / "lightningdot" / name
-    if not config.is_file():
-        pytest.skip(f"reference config {config} not available")
+    config = ORIGINAL_CONFIGS_DIR / "lightningdot" / name
     with pytest.raises(FileNotFoundError, match="data.test_txt_db"):
         inference.main(["--config", str(config), "--checkpoint", str(tmp_path / "x.pt"),
                         "--output_dir", str(tmp_path / "out")])

@@ -14,6 +14,7 @@ from inference import RetrievalDirError, resolve_split
 from model.state_dicts import CheckpointError
 from tests import _inference_fixtures as fixtures
 from tests._inference_fixtures import Workspace
+from tests.conftest import ORIGINAL_CONFIGS_DIR
 from utils.config import ConfigError, load_config
 from utils.training import OutputDirError
 
@@ -167,9 +168,7 @@ def test_train_from_pretrained_uniter_with_hard_negatives_then_rerank(workspace,
 
 
 def test_original_uniter_itm_config_loads_and_names_the_missing_path(tmp_path):
-    config = Path(__file__).resolve().parents[2] / "shared" / "reference_configs" / "uniter" / "train-itm-flickr-base-8gpu.json"
-    if not config.is_file():
-        pytest.skip(f"reference config {config} not available")
+    config = ORIGINAL_CONFIGS_DIR / "uniter" / "train-itm-flickr-base-8gpu.json"
     with pytest.raises(FileNotFoundError, match="data.test_txt_db"):
         rerank.main(["--config", str(config), "--retrieval_dir", str(tmp_path), "--reranker_checkpoint", "x.pt"])
     with pytest.raises(FileNotFoundError, match="model.checkpoint.*/pretrain/uniter-base.pt"):

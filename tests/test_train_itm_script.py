@@ -10,6 +10,7 @@ import pytest
 import train_itm
 from model.checkpoint import build_biencoder_from_checkpoint, read_checkpoint
 from tests._training_configs import itm_config, write_config
+from tests.conftest import ORIGINAL_CONFIGS_DIR
 from utils.config import ConfigError, load_config
 from utils.training import NonFiniteLossError, OutputDirError, list_states, read_metrics
 
@@ -17,7 +18,7 @@ from utils.training import NonFiniteLossError, OutputDirError, list_states, read
 pytest_plugins = ["tests._training_fixtures"]
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "reference_configs" / "lightningdot"
+REFERENCE = ORIGINAL_CONFIGS_DIR / "lightningdot"
 ORIGINAL_CONFIGS = sorted(REFERENCE.glob("*config*.json")) + [REFERENCE / "pretrain-alldata-base.json"]
 
 
