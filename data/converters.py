@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from data.img_db import ImgDbWriter
 from data.txt_db import TxtDbWriter
+from utils.errors import DataError, MissingPathError
 
 _TOKENIZE_CHUNK = 2048
 # Reserved vocabulary entries that are never ordinary words: BERT's [unusedN] / [CLS]-style
@@ -33,7 +34,7 @@ def load_tokenizer(path: str) -> Any:
         FileNotFoundError: ``path`` is not an existing directory (hub names are refused).
     """
     if not os.path.isdir(path):
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"tokenizer path {path!r} is not an existing local directory: give the directory "
             f"of a saved Hugging Face tokenizer (vocab.txt / tokenizer.json); hub names are "
             f"never downloaded")
@@ -67,7 +68,7 @@ def tokenizer_meta(tokenizer: Any, tokenizer_path: str) -> dict[str, Any]:
            "SEP": tokenizer.sep_token_id, "MASK": tokenizer.mask_token_id}
     missing = [k for k, v in ids.items() if v is None]
     if missing:
-        raise ValueError(f"tokenizer at {tokenizer_path} defines no {missing} token(s)")
+        raise DataError(f"tokenizer at {tokenizer_path} defines no {missing} token(s)")
     return {**ids, "v_range": vocab_range(tokenizer), "bert": tokenizer_path,
             "toker": tokenizer_path, "format": "lmdb"}
 
@@ -111,8 +112,8 @@ def convert_karpathy(json_path: str, out_dir: str, tokenizer_path: str, splits: 
     images = [im for im in data["images"] if im["split"] in wanted]
     if not images:
         found = sorted({im["split"] for im in data["images"]})
-        raise ValueError(f"{json_path}: no image in split(s) {sorted(wanted)}; splits present: "
-                         f"{found}")
+        raise DataError(f"{json_path}: no image in split(s) {sorted(wanted)}; splits present: "
+                        f"{found}")
     tokenizer = load_tokenizer(tokenizer_path)
     sentences = [(im, s) for im in images for s in im["sentences"]]
     all_ids = tokenize(tokenizer, [s["raw"] for _, s in sentences], progress)
@@ -157,11 +158,11 @@ def convert_multi30k(caption_files: Sequence[str], image_list: str, out_dir: str
         while lines and not lines[-1].strip():
             lines.pop()
         if len(lines) != len(names):
-            raise ValueError(f"{path} has {len(lines)} captions but {image_list} lists "
-                             f"{len(names)} images")
+            raise DataError(f"{path} has {len(lines)} captions but {image_list} lists "
+                            f"{len(names)} images")
         for i, line in enumerate(lines):
             if not line.strip():
-                raise ValueError(f"{path}: line {i + 1} is an empty caption")
+                raise DataError(f"{path}: line {i + 1} is an empty caption")
         columns.append(lines)
     tokenizer = load_tokenizer(tokenizer_path)
     entries = [(i, j, columns[j][i]) for i in range(len(names)) for j in range(len(columns))]
@@ -199,10 +200,10 @@ def convert_npz_dir(npz_dir: str, out_dir: str, conf_th: float = 0.2, max_bb: in
         Counts: ``{"images", "boxes", "resorted", "out_dir"}``.
     """
     if not os.path.isdir(npz_dir):
-        raise FileNotFoundError(f"detector output directory not found: {npz_dir}")
+        raise MissingPathError(f"detector output directory not found: {npz_dir}")
     files = sorted(f for f in os.listdir(npz_dir) if f.endswith(".npz"))
     if not files:
-        raise FileNotFoundError(f"no .npz files in {npz_dir}")
+        raise MissingPathError(f"no .npz files in {npz_dir}")
     boxes = resorted = 0
     with ImgDbWriter(out_dir, conf_th, max_bb, min_bb, num_bb, variants,
                      overwrite=overwrite) as writer:
@@ -211,7 +212,7 @@ def convert_npz_dir(npz_dir: str, out_dir: str, conf_th: float = 0.2, max_bb: in
             with np.load(path, allow_pickle=False) as z:
                 missing = [m for m in ("features", "norm_bb", "conf") if m not in z.files]
                 if missing:
-                    raise ValueError(f"{path}: missing member(s) {missing}")
+                    raise DataError(f"{path}: missing member(s) {missing}")
                 arrays = {m: z[m] for m in ("features", "norm_bb", "conf", "soft_labels")
                           if m in z.files}
             conf = arrays["conf"].reshape(-1).astype(np.float32)

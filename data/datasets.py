@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from data.img_db import ImgDb, image_key
 from data.txt_db import TxtDb
+from utils.errors import DataError
 
 IGNORE_INDEX = -100
 FEAT_DIM = 2048
@@ -147,7 +148,7 @@ def _sample_excluding(pool: Sequence[str], pool_set: set[str], exclude: set[str]
         return []
     available = len(pool) - sum(1 for e in exclude if e in pool_set)
     if available < k:
-        raise ValueError(f"cannot sample {k} negative {what}: only {available} candidates")
+        raise DataError(f"cannot sample {k} negative {what}: only {available} candidates")
     seen, out = set(exclude), []
     while len(out) < k:
         for j in rng.integers(len(pool), size=2 * (k - len(out)) + 4):
@@ -185,8 +186,8 @@ class _CaptionImageDataset(Dataset):
 
     def __init__(self, txt_dbs: Sequence[TxtDb], img_dbs: Sequence[ImgDb]) -> None:
         if len(txt_dbs) != len(img_dbs) or not txt_dbs:
-            raise ValueError(f"need as many img_dbs as txt_dbs (>= 1), got {len(txt_dbs)} "
-                             f"txt_dbs and {len(img_dbs)} img_dbs")
+            raise DataError(f"need as many img_dbs as txt_dbs (>= 1), got {len(txt_dbs)} "
+                            f"txt_dbs and {len(img_dbs)} img_dbs")
         self.txt_dbs, self.img_dbs = list(txt_dbs), list(img_dbs)
         self._examples: list[tuple[int, str]] = []
         self.img_names: list[str] = []
@@ -196,9 +197,9 @@ class _CaptionImageDataset(Dataset):
             for txt_id, n in zip(tdb.ids, tdb.lens):
                 name = tdb.txt2img[txt_id]
                 if name not in idb:
-                    raise ValueError(f"caption {txt_id!r} of txt_db {tdb.db_dir} refers to image "
-                                     f"{name!r}, which is not in img_db {idb.img_dir} "
-                                     f"({idb.feat_dir})")
+                    raise DataError(f"caption {txt_id!r} of txt_db {tdb.db_dir} refers to image "
+                                    f"{name!r}, which is not in img_db {idb.img_dir} "
+                                    f"({idb.feat_dir})")
                 self._examples.append((k, txt_id))
                 self.img_names.append(name)
                 self.txt_lens.append(n + 2)
@@ -248,14 +249,14 @@ class _HardNegativeDataset(_CaptionImageDataset):
                 if txt_id in tdb.txt2img:
                     bad = [n for n in negs[:num_hard_negatives] if n not in idb]
                     if bad:
-                        raise ValueError(f"hard negative image {bad[0]!r} of caption {txt_id!r} "
-                                         f"is not in img_db {idb.img_dir}")
+                        raise DataError(f"hard negative image {bad[0]!r} of caption {txt_id!r} "
+                                        f"is not in img_db {idb.img_dir}")
             for name, negs in (img2neg_txts or {}).items():
                 if name in tdb.img2txts:
                     bad = [t for t in negs[:num_hard_negatives] if t not in tdb.txt2img]
                     if bad:
-                        raise ValueError(f"hard negative caption {bad[0]!r} of image {name!r} "
-                                         f"is not in txt_db {tdb.db_dir}")
+                        raise DataError(f"hard negative caption {bad[0]!r} of image {name!r} "
+                                        f"is not in txt_db {tdb.db_dir}")
         self.hard_negatives = HardNegatives(txt2neg_imgs, img2neg_txts)
         self.num_hard_negatives = num_hard_negatives
 
@@ -403,8 +404,8 @@ class ImageEvalDataset(Dataset):
     def __init__(self, img_db: ImgDb, names: Sequence[str]) -> None:
         missing = [n for n in names if n not in img_db]
         if missing:
-            raise ValueError(f"image {missing[0]!r} is not in img_db {img_db.img_dir} "
-                             f"({len(missing)} missing)")
+            raise DataError(f"image {missing[0]!r} is not in img_db {img_db.img_dir} "
+                            f"({len(missing)} missing)")
         self.img_db, self.names = img_db, list(names)
         self.lens = [img_db.name2nbb[n] for n in self.names]
 
@@ -453,7 +454,7 @@ class PairDataset(Dataset):
     def __init__(self, txt_db: TxtDb, img_db: ImgDb, pairs: Sequence[tuple[str, str]]) -> None:
         missing = [name for _, name in pairs if name not in img_db]
         if missing:
-            raise ValueError(f"image {missing[0]!r} is not in img_db {img_db.img_dir}")
+            raise DataError(f"image {missing[0]!r} is not in img_db {img_db.img_dir}")
         self.txt_db, self.img_db, self.pairs = txt_db, img_db, list(pairs)
 
     def __len__(self) -> int:

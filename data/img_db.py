@@ -29,6 +29,7 @@ from data.lmdb_io import (
     read_value,
     require_lmdb_dir,
 )
+from utils.errors import DataKeyError, MissingPathError
 
 MEMBERS = ("norm_bb", "features", "conf", "soft_labels")
 KEYS_KEY = "__keys__"
@@ -148,12 +149,12 @@ class ImgDb:
         self.conf_th, self.max_bb, self.min_bb, self.num_bb = conf_th, max_bb, min_bb, num_bb
         self.compressed = compressed
         if not os.path.isdir(self.img_dir):
-            raise FileNotFoundError(f"img_db directory not found: {self.img_dir}")
+            raise MissingPathError(f"img_db directory not found: {self.img_dir}")
         feat_name = feat_dir_name(conf_th, max_bb, min_bb, num_bb, compressed)
         self.feat_dir = os.path.join(self.img_dir, feat_name)
         if not os.path.isdir(self.feat_dir):
             found = sorted(d for d in os.listdir(self.img_dir) if d.startswith("feat_"))
-            raise FileNotFoundError(
+            raise MissingPathError(
                 f"img_db {self.img_dir}: expected feature LMDB directory {feat_name} not found "
                 f"(for conf_th={conf_th}, max_bb={max_bb}, min_bb={min_bb}, num_bb={num_bb}, "
                 f"compressed={compressed}); present: {found or 'none'}")
@@ -164,8 +165,8 @@ class ImgDb:
             nbb_name = nbb_file_name(conf_th, max_bb, min_bb)
             nbb_path = os.path.join(self.img_dir, nbb_name)
             if not os.path.isfile(nbb_path):
-                raise FileNotFoundError(f"img_db {self.img_dir}: expected nbb file {nbb_name} "
-                                        f"not found ({nbb_path})")
+                raise MissingPathError(f"img_db {self.img_dir}: expected nbb file {nbb_name} "
+                                       f"not found ({nbb_path})")
             with open(nbb_path, encoding="utf-8") as f:
                 self.name2nbb = {k: int(v) for k, v in json.load(f).items()}
         self.names = list(self.name2nbb)
@@ -191,11 +192,11 @@ class ImgDb:
 
     def _load(self, name: str, members: Sequence[str]) -> dict[str, np.ndarray]:
         if name not in self.name2nbb:
-            raise KeyError(f"image {name!r} is not in img_db {self.img_dir}")
+            raise DataKeyError(f"image {name!r} is not in img_db {self.img_dir}")
         value = read_value(self.feat_dir, name)
         if value is None:
-            raise KeyError(f"image {name!r} is listed by img_db {self.img_dir} but missing "
-                           f"from its LMDB {self.feat_dir}")
+            raise DataKeyError(f"image {name!r} is listed by img_db {self.img_dir} but missing "
+                               f"from its LMDB {self.feat_dir}")
         try:
             if self.compressed:
                 with np.load(io.BytesIO(value), allow_pickle=False) as npz:
@@ -244,7 +245,7 @@ class ImgDb:
         soft = None
         if with_soft_labels:
             if "soft_labels" not in arrays:
-                raise KeyError(f"img_db {self.feat_dir}: image {name!r} has no soft_labels")
+                raise DataKeyError(f"img_db {self.feat_dir}: image {name!r} has no soft_labels")
             soft = torch.from_numpy(arrays["soft_labels"].astype(np.float32))
         return feat, pos, soft
 

@@ -17,6 +17,8 @@ from typing import Self
 
 import lmdb
 
+from utils.errors import MissingPathError, UserError
+
 # Readers do not take LMDB's lock (lock=False), so this only bounds the reader table of
 # environments that other tools open with locking; DataLoader workers x ranks can be many.
 _MAX_READERS = 2048
@@ -24,7 +26,7 @@ _WRITE_MAP_SIZE = 1 << 30  # grows on demand in LmdbWriter
 _COMMIT_EVERY = 1000
 
 
-class CorruptRecordError(ValueError):
+class CorruptRecordError(UserError, ValueError):
     """A stored value cannot be decoded; the message names the database and the key."""
 
 
@@ -40,11 +42,11 @@ def require_lmdb_dir(path: str, what: str) -> str:
     """
     path = os.path.abspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{what} directory not found: {path} (expected an LMDB "
-                                f"directory containing data.mdb)")
+        raise MissingPathError(f"{what} directory not found: {path} (expected an LMDB "
+                               f"directory containing data.mdb)")
     if not os.path.isfile(os.path.join(path, "data.mdb")):
-        raise FileNotFoundError(f"{what} {path} is not an LMDB directory: expected file "
-                                f"data.mdb is missing")
+        raise MissingPathError(f"{what} {path} is not an LMDB directory: expected file "
+                               f"data.mdb is missing")
     return path
 
 

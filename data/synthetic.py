@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from data.converters import convert_karpathy, convert_npz_dir
 from data.lmdb_io import atomic_dir
+from utils.errors import MissingPathError
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -325,7 +326,7 @@ def load_manifest(out_dir: str) -> dict[str, Any]:
     out_dir = os.path.abspath(out_dir)
     path = os.path.join(out_dir, MANIFEST)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no synthetic dataset at {out_dir}: {MANIFEST} is missing")
+        raise MissingPathError(f"no synthetic dataset at {out_dir}: {MANIFEST} is missing")
     with open(path, encoding="utf-8") as f:
         manifest = json.load(f)
     manifest["txt_db"] = {s: os.path.join(out_dir, p) for s, p in manifest["txt_db"].items()}

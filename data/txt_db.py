@@ -22,6 +22,7 @@ from data.lmdb_io import (
     read_value,
     require_lmdb_dir,
 )
+from utils.errors import DataError, DataKeyError, MissingPathError
 
 SIDE_FILES = ("id2len.json", "txt2img.json", "img2txts.json", "meta.json")
 META_TOKEN_KEYS = ("UNK", "CLS", "SEP", "MASK")
@@ -30,7 +31,7 @@ META_TOKEN_KEYS = ("UNK", "CLS", "SEP", "MASK")
 def _load_json(db_dir: str, name: str) -> Any:
     path = os.path.join(db_dir, name)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"txt_db {db_dir}: expected file {name} is missing ({path})")
+        raise MissingPathError(f"txt_db {db_dir}: expected file {name} is missing ({path})")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -88,8 +89,8 @@ class TxtDb:
         txt2img_all: dict[str, str] = _load_json(self.db_dir, "txt2img.json")
         missing = [i for i in self.ids if i not in txt2img_all]
         if missing:
-            raise ValueError(f"txt_db {self.db_dir}: caption id {missing[0]!r} of id2len.json "
-                             f"is missing from txt2img.json ({len(missing)} ids missing)")
+            raise DataError(f"txt_db {self.db_dir}: caption id {missing[0]!r} of id2len.json "
+                            f"is missing from txt2img.json ({len(missing)} ids missing)")
         self.txt2img = {i: txt2img_all[i] for i in self.ids}
 
         img2txts_all: dict[str, list[str]] = _load_json(self.db_dir, "img2txts.json")
@@ -106,7 +107,7 @@ class TxtDb:
 
     def _meta(self, key: str) -> Any:
         if key not in self.meta:
-            raise KeyError(f"txt_db {self.db_dir}: meta.json has no {key!r} entry")
+            raise DataKeyError(f"txt_db {self.db_dir}: meta.json has no {key!r} entry")
         return self.meta[key]
 
     @property
@@ -144,7 +145,7 @@ class TxtDb:
         """
         value = read_value(self.db_dir, txt_id)
         if value is None:
-            raise KeyError(f"caption id {txt_id!r} not found in txt_db {self.db_dir}")
+            raise DataKeyError(f"caption id {txt_id!r} not found in txt_db {self.db_dir}")
         return decode_record(value, txt_id, self.db_dir)
 
     def input_ids(self, txt_id: str) -> list[int]:
@@ -207,7 +208,7 @@ class TxtDbWriter:
             raise RuntimeError("TxtDbWriter.add called outside its `with` block")
         txt_id = str(txt_id)
         if txt_id in self._id2len:
-            raise ValueError(f"duplicate caption id {txt_id!r} written to {self.db_dir}")
+            raise DataError(f"duplicate caption id {txt_id!r} written to {self.db_dir}")
         if "input_ids" not in record or "img_fname" not in record:
             raise ValueError(f"caption {txt_id!r}: a record needs 'input_ids' and 'img_fname'")
         input_ids = [int(t) for t in record["input_ids"]]

@@ -34,6 +34,7 @@ from model.state_dicts import (
     select_prefix,
 )
 from model.towers import ImageTower, TextTower, hf_weights_file
+from utils.errors import MissingPathError
 
 __all__ = [
     "BIENCODER_FORMAT",
@@ -312,7 +313,7 @@ def load_text_tower_weights(target: BiEncoder | TextTower, path: PathLike) -> No
     tower = target.txt_model if isinstance(target, BiEncoder) else target
     weights = hf_weights_file(path)
     if weights is None and os.path.isdir(path):
-        raise FileNotFoundError(f"{path} is a directory without model.safetensors / pytorch_model.bin")
+        raise MissingPathError(f"{path} is a directory without model.safetensors / pytorch_model.bin")
     source = weights if weights is not None else path
     load_text_tower_state(tower, read_weights(source), str(source))
 

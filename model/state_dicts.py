@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from utils.errors import MissingPathError, UserError
+
 # Buffers older transformers versions saved with BertEmbeddings; newer ones neither save nor
 # need them (they are rebuilt from the config), so they may be absent or present.
 OPTIONAL_BUFFER_SUFFIXES = ("embeddings.position_ids",)
@@ -19,7 +21,7 @@ OPTIONAL_BUFFER_SUFFIXES = ("embeddings.position_ids",)
 _MAX_LISTED = 25
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A weight file that does not fit the model: wrong, missing or unexpected keys/shapes."""
 
 
@@ -35,7 +37,7 @@ def read_weights(path: str | os.PathLike[str]) -> dict:
     """
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {p}")
+        raise MissingPathError(f"checkpoint file not found: {p}")
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file

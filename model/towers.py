@@ -28,6 +28,8 @@ from transformers.models.bert.modeling_bert import (
     BertPooler,
 )
 
+from utils.errors import DataError, MissingPathError
+
 try:
     from transformers.masking_utils import create_bidirectional_mask
 except ImportError:  # transformers < 4.56 builds masks inside each model
@@ -77,7 +79,7 @@ def hf_weights_file(path: str | os.PathLike[str]) -> Path | None:
             return directory / name
     sharded = sorted(directory.glob("*.index.json"))
     if sharded:
-        raise ValueError(
+        raise DataError(
             f"{directory} holds a sharded checkpoint ({sharded[0].name}); save the model as a "
             f"single {' or '.join(HF_WEIGHT_FILES)} file"
         )
@@ -88,20 +90,20 @@ def _config_file(path: str | os.PathLike[str], role: str) -> Path:
     p = Path(path)
     if p.is_dir():
         if not (p / "config.json").is_file():
-            raise FileNotFoundError(f"{role}: directory {p} has no config.json")
+            raise MissingPathError(f"{role}: directory {p} has no config.json")
         return p / "config.json"
     if p.is_file():
         return p
     text = str(path)
     looks_like_hub_name = not text.endswith(".json") and not text.startswith((".", "/", "~"))
     if looks_like_hub_name:
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"{role}: {text!r} is not a local path. Hugging Face hub names are not "
             f"downloaded (this code runs offline): give a local model directory holding "
             f"config.json (and optionally model.safetensors / pytorch_model.bin), or a BERT "
             f"config JSON file such as reference_configs/lightningdot/bert_base.json"
         )
-    raise FileNotFoundError(
+    raise MissingPathError(
         f"{role}: {text!r} does not exist; give a local model directory or a BERT config JSON"
     )
 
@@ -111,7 +113,7 @@ def config_from_dict(cls: type, data: Mapping[str, Any]) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys: {unknown}")
+        raise DataError(f"unknown {cls.__name__} keys: {unknown}")
     return cls(**dict(data))
 
 

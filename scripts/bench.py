@@ -42,6 +42,8 @@ if __package__ in (None, ""):
 import numpy as np
 import torch
 
+from utils.errors import run_cli
+
 logger = logging.getLogger("bench")
 
 SECTIONS = ("peak", "train", "pretrain", "encode", "search", "ann", "cross", "eval", "loader")
@@ -987,4 +989,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(1 if main()["failed_checks"] else 0)
+    sys.exit(run_cli(lambda argv: 1 if main(argv)["failed_checks"] else 0))

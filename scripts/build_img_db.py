@@ -12,6 +12,7 @@ import sys
 
 from data.converters import convert_npz_dir
 from data.img_db import VARIANTS
+from utils.errors import run_cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,4 +44,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

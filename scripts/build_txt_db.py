@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from data.converters import convert_karpathy, convert_multi30k
+from utils.errors import run_cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,4 +57,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -36,6 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from utils.errors import run_cli
+
 logger = logging.getLogger("demo")
 
 DEMO_CONFIGS = REPO / "configs" / "demo"
@@ -373,4 +375,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

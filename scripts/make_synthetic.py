@@ -12,6 +12,7 @@ import dataclasses
 import sys
 
 from data.synthetic import TINY, SyntheticConfig, generate
+from utils.errors import run_cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,4 +53,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -25,6 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from utils.errors import DataError, MissingPathError, run_cli
+
 RESULT_FILES = ("recall.json", "rerank.json", "test_results.json", "summary.json")
 DEFAULT_TIMING = ("encode_s", "search_s", "rerank_s")
 DIRECTIONS = ("image_to_text", "text_to_image")
@@ -106,7 +111,7 @@ def rows_from_file(path: Path, label: str) -> list[Row]:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not a JSON file ({err})") from err
+        raise DataError(f"{path}: not a JSON file ({err})") from err
     extra_timing: dict[str, float] = {}
     info = path.parent / "info.json"
     if path.name == "recall.json" and info.is_file():
@@ -119,7 +124,7 @@ def rows_from_file(path: Path, label: str) -> list[Row]:
         name = _describe(key_path, data)
         rows.append(Row(f"{label} / {name}" if name else label, recall, {**extra_timing, **timing}))
     if not rows:
-        raise ValueError(f"{path}: no recall results (text_to_image / image_to_text R@1/5/10) in it")
+        raise DataError(f"{path}: no recall results (text_to_image / image_to_text R@1/5/10) in it")
     return rows
 
 
@@ -149,14 +154,14 @@ def collect(sources: Sequence[str]) -> list[Row]:
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.name in RESULT_FILES and p.is_file())
             if not files:
-                raise FileNotFoundError(f"{path}: no {', '.join(RESULT_FILES)} found under it")
+                raise MissingPathError(f"{path}: no {', '.join(RESULT_FILES)} found under it")
             for file in files:
                 name = _label_for(file, path)
                 rows.extend(rows_from_file(file, f"{label} / {name}" if label else name))
         elif path.is_file():
             rows.extend(rows_from_file(path, label or _label_for(path, None)))
         else:
-            raise FileNotFoundError(f"results path {path} does not exist")
+            raise MissingPathError(f"results path {path} does not exist")
     return rows
 
 
@@ -222,4 +227,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -21,6 +21,7 @@ from model.checkpoint import (
 )
 from model.pretrain_heads import PretrainModel
 from utils.config import ModelConfig, require_path
+from utils.errors import MissingPathError
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +49,11 @@ def build_biencoder_for_run(cfg: ModelConfig) -> BiEncoder:
         FileNotFoundError: a config or checkpoint path does not exist (the key is named).
     """
     if not cfg.txt_model_config:
-        raise FileNotFoundError(
+        raise MissingPathError(
             "config key 'txt_model_config' is not set: give a local HF BERT directory or a BERT config JSON"
         )
     if not cfg.img_model_config:
-        raise FileNotFoundError("config key 'img_model_config' is not set: give the image tower's config JSON")
+        raise MissingPathError("config key 'img_model_config' is not set: give the image tower's config JSON")
     check_model_paths(cfg)
     model = build_biencoder(
         cfg.txt_model_config,

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from utils.errors import DataError, MissingPathError
+
 logger = logging.getLogger(__name__)
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -453,7 +455,7 @@ def load_index(path: str | os.PathLike, use_gpu: bool | None = None) -> DenseInd
     faiss = _import_faiss()
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"index file {path} does not exist")
+        raise MissingPathError(f"index file {path} does not exist")
     raw = faiss.read_index(str(path))
     name = type(raw).__name__
     if name == "IndexFlatIP":
@@ -462,7 +464,7 @@ def load_index(path: str | os.PathLike, use_gpu: bool | None = None) -> DenseInd
         return HNSWIndex(raw.d, ef_search=raw.hnsw.efSearch, _index=raw)
     if name == "IndexIVFPQ":
         return IVFPQIndex(raw.d, nprobe=raw.nprobe, use_gpu=use_gpu, _index=raw)
-    raise ValueError(f"{path}: unsupported faiss index type {name}")
+    raise DataError(f"{path}: unsupported faiss index type {name}")
 
 
 def index_embeddings(

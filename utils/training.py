@@ -52,6 +52,7 @@ from utils.distributed import (
     unwrap_model,
     wrap_model,
 )
+from utils.errors import DataError, UserError
 from utils.precision import Precision
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class NonFiniteLossError(RuntimeError):
         )
 
 
-class OutputDirError(RuntimeError):
+class OutputDirError(UserError, RuntimeError):
     """The output directory holds another run and neither --resume nor --overwrite was given."""
 
 
@@ -894,16 +895,16 @@ class Trainer:
         """Load a resume state into the bare model, optimizer, scheduler, scaler, stateful."""
         state = torch.load(path, map_location="cpu", weights_only=True)
         if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"{path} is not a training state of this project (format {state.get('format')!r})")
+            raise DataError(f"{path} is not a training state of this project (format {state.get('format')!r})")
         if state["format_version"] > STATE_FORMAT_VERSION:
-            raise ValueError(f"{path} has state format {state['format_version']}; this code reads up to {STATE_FORMAT_VERSION}")
+            raise DataError(f"{path} has state format {state['format_version']}; this code reads up to {STATE_FORMAT_VERSION}")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.precision.load_state_dict(state["precision"])
         missing = sorted(set(self.stateful) - set(state["stateful"]))
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"{path} has no state for {missing}: was it written by another script, or with "
                 f"other datasets / tasks?"
             )
