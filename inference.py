@@ -58,6 +58,8 @@ from utils.config import (
     config_from_args,
     require_path,
 )
+from utils.errors import DataKeyError, MissingPathError, UsageError, UserError, run_cli
+from utils.original_programs import LIGHTNINGDOT_EVAL_ITM
 from utils.retrieval import embed_batch
 from utils.training import to_device
 
@@ -76,7 +78,7 @@ SHARD_DIR = "shards"
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
-class RetrievalDirError(ValueError):
+class RetrievalDirError(UserError, ValueError):
     """A retrieval directory that is incomplete or belongs to another split."""
 
 
@@ -615,7 +617,7 @@ def _load_tokenizer(path: str | None):
             "directory with vocab.txt / tokenizer.json) or set model.tokenizer in the config"
         )
     if not Path(path).is_dir():
-        raise FileNotFoundError(f"tokenizer directory {path} does not exist")
+        raise MissingPathError(f"tokenizer directory {path} does not exist")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
@@ -630,10 +632,10 @@ def query(argv: Sequence[str]) -> dict[str, Any]:
     info = read_json(index_dir / INFO_FILE, "retrieval info")
     ids = read_json(index_dir / IDS_FILE, "ids file")
     if (args.image is None) == (args.text is None):
-        raise ValueError("give either a caption to search for, or --image NAME (not both)")
+        raise UsageError("give either a caption to search for, or --image NAME (not both)")
     if args.image is not None:
         if args.image not in ids["img_ids"]:
-            raise KeyError(f"image {args.image!r} is not in {index_dir / IDS_FILE}")
+            raise DataKeyError(f"image {args.image!r} is not in {index_dir / IDS_FILE}")
         row = ids["img_ids"].index(args.image)
         vector = np.load(index_dir / IMG_EMB_FILE, mmap_mode="r")[row : row + 1]
         index = load_index(index_dir / TXT_INDEX_FILE)
@@ -690,7 +692,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return query(argv[1:])
     args = build_parser().parse_args(argv)
     out_dir = args.output_dir
-    config = config_from_args(args)
+    config = config_from_args(args, LIGHTNINGDOT_EVAL_ITM)
     if out_dir is None:
         out_dir = config.output_dir
     return run(config, args.checkpoint, out_dir, args.precision, args.batch_size, args.shard_size)
@@ -698,4 +700,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    main()
+    sys.exit(run_cli(main))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from data.txt_db import TxtDb
 from model.checkpoint import make_checkpoint
 from model.pretrain_heads import TASKS, PretrainModel
 from optim.optimizer import build_optimizer
-from optim.schedule import build_scheduler
+from optim.schedule import build_scheduler, resolve_run_length
 from utils.config import (
     ConfigError,
     DatasetSpec,
@@ -53,7 +54,9 @@ from utils.distributed import (
     shutdown,
     wrap_optimizer,
 )
+from utils.errors import run_cli
 from utils.model_setup import build_pretrain_model_for_run, check_model_paths
+from utils.original_programs import LIGHTNINGDOT_PRETRAIN
 from utils.precision import Precision, resolve_precision
 from utils.retrieval import EvalSplit, evaluate_recall, open_img_db
 from utils.training import (
@@ -74,8 +77,6 @@ from utils.training import (
 
 logger = logging.getLogger("pretrain")
 
-# UNITER's pre-training configs give batch sizes in tokens (text tokens + boxes).
-ORIGINAL_DEFAULTS = {"train": {"batch_size_unit": "tokens"}}
 FINAL_CKPT = "model_final.pt"
 
 
@@ -282,8 +283,10 @@ def main(
         on_step: called after every optimizer step with (step, metrics); tests use it.
     """
     args = parse_args(argv)
-    cfg = config_from_args(args, original_defaults=ORIGINAL_DEFAULTS)
+    cfg = config_from_args(args, LIGHTNINGDOT_PRETRAIN)
     check_paths(cfg)
+    # Pre-training mixes streams by ratio: it has steps, no epochs.
+    cfg.train = resolve_run_length(cfg.train, None)
 
     # ---- device, precision and distribution: every such decision is made here, once ----
     env = init_distributed(cfg.train.distributed, cfg.train.device)
@@ -308,8 +311,6 @@ def main(
         accumulation = max(1, cfg.train.gradient_accumulation_steps)
         # Horovod swaps in its own optimizer object: wrap before the scheduler holds it.
         optimizer = wrap_optimizer(build_optimizer(model, cfg.train), model, env, accumulation)
-        if cfg.train.num_train_steps <= 0:
-            raise ConfigError("pre-training is step-based: set train.num_train_steps to a positive number")
         total_steps = cfg.train.num_train_steps
         scheduler = build_scheduler(optimizer, cfg.train, total_steps)
         # Dropout and anything else random differs per rank from here on.
@@ -357,4 +358,4 @@ def _summary(metrics: Mapping[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

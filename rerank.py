@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -72,6 +73,7 @@ from utils.config import (
     load_config,
     require_path,
 )
+from utils.errors import run_cli
 
 logger = logging.getLogger("rerank")
 
@@ -219,7 +221,7 @@ def load_candidates(retrieval_dir: str | os.PathLike, top_m: int) -> tuple[Candi
         RetrievalDirError: the files are missing, or their queries are not the split's ids.
     """
     if top_m < 1:
-        raise ValueError(f"top_m must be at least 1, got {top_m}")
+        raise ConfigError(f"rerank.top_m must be at least 1, got {top_m}")
     retrieval_dir = Path(retrieval_dir)
     topk = read_json(retrieval_dir / TOPK_FILE, "top-k file")
     ids = read_json(retrieval_dir / IDS_FILE, "ids file")
@@ -323,7 +325,7 @@ def rerank_retrieval_dir(
     from utils.distributed import world_info
 
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+        raise ConfigError(f"rerank.alpha must lie in [0, 1], got {alpha}")
     t_start = time.perf_counter()
     check_retrieval_dir(retrieval_dir, split)
     if txt_db is None:
@@ -515,9 +517,10 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     from model.checkpoint import load_cross_encoder_weights, make_checkpoint
     from model.cross_encoder import build_cross_encoder
     from optim.optimizer import build_optimizer
-    from optim.schedule import build_scheduler
+    from optim.schedule import build_scheduler, resolve_run_length
     from utils.config import config_to_dict, save_config
     from utils.distributed import init_distributed, shutdown, wrap_optimizer
+    from utils.original_programs import UNITER_TRAIN_ITM
     from utils.precision import resolve_precision
     from utils.training import (
         CKPT_DIR,
@@ -531,7 +534,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         seed_everything,
     )
 
-    config = config_from_args(args)
+    config = config_from_args(args, UNITER_TRAIN_ITM)
     c = config
     if not c.model.model_config:
         raise ConfigError("model.model_config (the UNITER JSON config of the cross-encoder) is not set")
@@ -562,17 +565,6 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
             val_dbs = open_dbs([c.data.val_txt_db], [c.data.val_img_db], "val")
         train_set = ItmRankDataset(txt_dbs, img_dbs, c.retrieval.negative_size, None, "both", seed=c.train.seed)
         miner = hard_negative_miner(c, train_set)
-        out = Path(c.output_dir)
-        resume_from = prepare_output_dir(out, resume=args.resume, overwrite=args.overwrite, env=env,
-                                         extra_artifacts=(VAL_FILE,))
-        if env.is_main:
-            save_config(config, out / CONFIG_FILE)
-        if miner is not None and resume_from is None:
-            # Mined once: the bi-encoder is fixed. A resumed run gets the lists from its state.
-            biencoder, _ = load_biencoder(c.model.biencoder_checkpoint, c)
-            miner.mine(biencoder.to(env.device), 0, 0, env, pick_precision("auto", c.train.precision, env.device),
-                       c.train, c.data)
-            del biencoder
         if c.train.batch_size_unit == "tokens":
             sampler_size = {"max_tokens": c.train.train_batch_size}
         else:
@@ -584,6 +576,19 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
                                            **sampler_size)
         loader = ResumableLoader(train_set, sampler, itm_rank_collate, seed=c.train.seed,
                                  num_workers=c.data.n_workers, pin_memory=c.data.pin_mem and env.device.type == "cuda")
+        accumulation = max(1, c.train.gradient_accumulation_steps)
+        config.train = resolve_run_length(c.train, math.ceil(loader.batches_per_epoch() / accumulation))
+        out = Path(c.output_dir)
+        resume_from = prepare_output_dir(out, resume=args.resume, overwrite=args.overwrite, env=env,
+                                         extra_artifacts=(VAL_FILE,))
+        if env.is_main:
+            save_config(config, out / CONFIG_FILE)
+        if miner is not None and resume_from is None:
+            # Mined once: the bi-encoder is fixed. A resumed run gets the lists from its state.
+            biencoder, _ = load_biencoder(c.model.biencoder_checkpoint, c)
+            miner.mine(biencoder.to(env.device), 0, 0, env, pick_precision("auto", c.train.precision, env.device),
+                       c.train, c.data)
+            del biencoder
 
         val_loader = None
         if val_dbs is not None:
@@ -602,12 +607,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         check_vocabulary(model, txt_dbs[0], c.model.model_config)
         model.to(env.device)
 
-        accumulation = max(1, c.train.gradient_accumulation_steps)
-        total_steps = c.train.num_train_steps or (
-            c.train.num_train_epochs * -(-loader.batches_per_epoch() // accumulation)
-        )
-        if total_steps <= 0:
-            raise ConfigError("set train.num_train_steps or train.num_train_epochs")
+        total_steps = c.train.num_train_steps
         # Horovod's DistributedOptimizer is a new object: the scheduler must see that one.
         optimizer = wrap_optimizer(build_optimizer(model, c.train), model, env, accumulation)
         scheduler = build_scheduler(optimizer, c.train, total_steps)
@@ -674,4 +674,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    main()
+    sys.exit(run_cli(main))

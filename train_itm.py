@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from model.biencoder import BiEncoder
 from model.checkpoint import load_biencoder_weights, make_checkpoint
 from model.losses import contrastive_loss
 from optim.optimizer import build_optimizer
-from optim.schedule import build_scheduler
+from optim.schedule import build_scheduler, resolve_run_length
 from utils.config import (
     ConfigError,
     RunConfig,
@@ -46,7 +47,9 @@ from utils.distributed import (
     shutdown,
     wrap_optimizer,
 )
+from utils.errors import run_cli
 from utils.model_setup import build_biencoder_for_run, check_model_paths
+from utils.original_programs import LIGHTNINGDOT_TRAIN_ITM
 from utils.precision import Precision, resolve_precision
 from utils.retrieval import EvalSplit, HardNegativeMiner, evaluate_recall, open_img_db
 from utils.training import (
@@ -166,7 +169,7 @@ def main(
         on_step: called after every optimizer step with (step, metrics); tests use it.
     """
     args = parse_args(argv)
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, LIGHTNINGDOT_TRAIN_ITM)
     check_paths(cfg)
 
     # ---- device, precision and distribution: every such decision is made here, once ----
@@ -179,12 +182,6 @@ def main(
 
     try:
         out = Path(cfg.output_dir)
-        resume_from = prepare_output_dir(
-            out, resume=args.resume, overwrite=args.overwrite, env=env, extra_artifacts=(TEST_RESULTS,)
-        )
-        if env.is_main:
-            save_config(cfg, out / CONFIG_FILE)
-
         txt_dbs = [TxtDb(p, cfg.data.max_txt_len) for p in cfg.data.train_txt_dbs]
         img_dbs = [open_img_db(p, cfg.data) for p in cfg.data.train_img_dbs]
         dataset = RetrievalDataset(txt_dbs, img_dbs)
@@ -199,16 +196,19 @@ def main(
         rcfg = cfg.retrieval
         miner = HardNegativeMiner(dataset, rcfg.num_hard_negatives, rcfg.hard_negatives_sampling, cfg.train.seed)
 
-        model = build_model(cfg).to(env.device)
         accumulation = max(1, cfg.train.gradient_accumulation_steps)
+        cfg.train = resolve_run_length(cfg.train, math.ceil(loader.batches_per_epoch() / accumulation))
+        # Every input is checked before the output directory is touched.
+        resume_from = prepare_output_dir(
+            out, resume=args.resume, overwrite=args.overwrite, env=env, extra_artifacts=(TEST_RESULTS,)
+        )
+        if env.is_main:
+            save_config(cfg, out / CONFIG_FILE)
+
+        model = build_model(cfg).to(env.device)
         # Horovod swaps in its own optimizer object: wrap before the scheduler holds it.
         optimizer = wrap_optimizer(build_optimizer(model, cfg.train), model, env, accumulation)
-        if cfg.train.num_train_steps > 0:
-            total_steps = cfg.train.num_train_steps
-        elif cfg.train.num_train_epochs > 0:
-            total_steps = cfg.train.num_train_epochs * math.ceil(loader.batches_per_epoch() / accumulation)
-        else:
-            raise ConfigError("set train.num_train_steps or train.num_train_epochs to a positive number")
+        total_steps = cfg.train.num_train_steps
         scheduler = build_scheduler(optimizer, cfg.train, total_steps)
         # Dropout and anything else random differs per rank from here on.
         seed_everything(derive_seed(cfg.train.seed, env.rank))
@@ -317,4 +317,4 @@ def _barrier_for_file(path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -1,4 +1,4 @@
-"""AdamW with the BERT convention: no weight decay on biases and LayerNorm weights."""
+"""Adam-family optimisers with the BERT convention: no weight decay on biases and LayerNorm weights."""
 from __future__ import annotations
 
 import logging
@@ -51,18 +51,27 @@ def split_decay_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Pa
     return decay, no_decay
 
 
+# `adam` / `adamax` apply weight decay as an L2 term, as UNITER's choices of those names did.
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adamw": torch.optim.AdamW,
+    "adam": torch.optim.Adam,
+    "adamax": torch.optim.Adamax,
+}
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the model's trainable parameters, with two weight-decay groups.
+    """An Adam-family optimiser over the model's trainable parameters, two weight-decay groups.
 
     Args:
         model: the (unwrapped) module to optimise.
-        cfg: the run's train section (`optim`, `learning_rate`, `betas`, `weight_decay`).
+        cfg: the run's train section (`optim`, `learning_rate`, `betas`, `adam_eps`,
+            `weight_decay`).
 
     Returns:
-        A `torch.optim.AdamW`; fused when every parameter lives on a CUDA device.
+        The `optim` class of torch; AdamW / Adam fused when every parameter is on a CUDA device.
     """
-    if cfg.optim != "adamw":
-        raise ValueError(f"train.optim: only 'adamw' is supported, got {cfg.optim!r}")
+    if cfg.optim not in OPTIMIZERS:
+        raise ValueError(f"train.optim must be one of {sorted(OPTIMIZERS)}, got {cfg.optim!r}")
     if len(cfg.betas) != 2:
         raise ValueError(f"train.betas must hold two numbers, got {cfg.betas!r}")
     decay, no_decay = split_decay_groups(model)
@@ -73,11 +82,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         {"params": no_decay, "weight_decay": 0.0},
     ]
     params = decay + no_decay
-    fused = all(p.device.type == "cuda" for p in params)
+    optimizer_class = OPTIMIZERS[cfg.optim]
+    fused = optimizer_class is not torch.optim.Adamax and all(p.device.type == "cuda" for p in params)
     logger.info(
-        "AdamW: %d tensors with weight decay %g, %d without (bias / LayerNorm)%s",
-        len(decay), cfg.weight_decay, len(no_decay), ", fused" if fused else "",
+        "%s: %d tensors with weight decay %g, %d without (bias / LayerNorm)%s",
+        optimizer_class.__name__, len(decay), cfg.weight_decay, len(no_decay), ", fused" if fused else "",
     )
-    return torch.optim.AdamW(
-        groups, lr=cfg.learning_rate, betas=tuple(cfg.betas), fused=fused or None
-    )
+    options = {"fused": True} if fused else {}
+    return optimizer_class(groups, lr=cfg.learning_rate, betas=tuple(cfg.betas), eps=cfg.adam_eps, **options)

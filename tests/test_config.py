@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import ORIGINAL_CONFIGS_DIR
 from utils.config import (
     IGNORED_ORIGINAL_KEYS,
     ConfigError,
@@ -19,9 +20,10 @@ from utils.config import (
     require_path,
     save_config,
 )
+from utils.original_programs import LIGHTNINGDOT_PRETRAIN
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "reference_configs"
+REFERENCE = ORIGINAL_CONFIGS_DIR
 ORIGINAL_RUN_CONFIGS = sorted(
     p for p in REFERENCE.glob("*/*.json") if "config" in p.name or "train" in p.name or "pretrain" in p.name
 )
@@ -126,7 +128,7 @@ def test_original_run_configs_load_unchanged(path, caplog):
 
 def test_original_pretrain_config_maps_datasets():
     cfg = load_config(REFERENCE / "lightningdot" / "pretrain-alldata-base.json",
-                      original_defaults={"train": {"batch_size_unit": "tokens"}})
+                      program=LIGHTNINGDOT_PRETRAIN)
     names = [d.name for d in cfg.data.train_datasets]
     assert names == ["coco_cap", "vg_cap", "cc", "sbu"]
     assert cfg.data.train_datasets[1].mix_ratio == [16, 12, 6, 6]
@@ -139,8 +141,9 @@ def test_original_pretrain_config_maps_datasets():
 
 def test_original_defaults_do_not_touch_our_yaml(tmp_path):
     path = _write(tmp_path / "ours.yaml", {"train": {"seed": 1}})
-    cfg = load_config(path, original_defaults={"train": {"batch_size_unit": "tokens"}})
+    cfg = load_config(path, program=LIGHTNINGDOT_PRETRAIN)
     assert cfg.train.batch_size_unit == "examples"
+    assert config_to_dict(cfg) == config_to_dict(load_config(path))
 
 
 def test_original_unknown_key_is_refused(tmp_path):

@@ -12,6 +12,7 @@ from model.checkpoint import (
     build_pretrain_model_from_checkpoint,
 )
 from tests._training_configs import pretrain_config, write_config
+from tests.conftest import ORIGINAL_CONFIGS_DIR
 from utils.config import ConfigError, load_config
 from utils.distributed import init_distributed
 from utils.precision import resolve_precision
@@ -21,7 +22,7 @@ from utils.training import list_states, read_metrics
 pytest_plugins = ["tests._training_fixtures"]
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "reference_configs" / "lightningdot"
+REFERENCE = ORIGINAL_CONFIGS_DIR / "lightningdot"
 ORIGINAL_CONFIGS = sorted(REFERENCE.glob("*config*.json")) + [REFERENCE / "pretrain-alldata-base.json"]
 PAPER_RATIOS = {"coco_cap": [16, 8, 4, 4], "vg_cap": [16, 12, 6, 6], "cc": [16, 12, 6, 6], "sbu": [16, 8, 4, 4]}
 
@@ -110,7 +111,7 @@ def test_task_draws_follow_the_ratios_and_the_seed():
 
 @pytest.mark.parametrize("path", ORIGINAL_CONFIGS, ids=lambda p: p.name)
 def test_original_configs_parse_and_name_the_missing_path(path, tmp_path):
-    cfg = load_config(path, original_defaults=pretrain.ORIGINAL_DEFAULTS)
+    cfg = load_config(path, program=pretrain.LIGHTNINGDOT_PRETRAIN)
     assert cfg.train.batch_size_unit == "tokens"
     expected = r"train_datasets\[0\]\.db\[0\]" if cfg.data.train_datasets else "train_datasets"
     with pytest.raises((ConfigError, FileNotFoundError), match=expected):

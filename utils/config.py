@@ -27,10 +27,12 @@ from typing import Any, Literal
 
 import yaml
 
+from utils.errors import MissingPathError, UserError
+
 logger = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that cannot be used as it is."""
 
 
@@ -110,15 +112,25 @@ class TrainConfig:
     batch_size_unit: Literal["examples", "tokens"] = "examples"
     gradient_accumulation_steps: int = 1
     learning_rate: float = 2e-5
-    optim: Literal["adamw"] = "adamw"
+    # `adam` and `adamax` decay weights as an L2 term (torch's classes, as UNITER used them).
+    optim: Literal["adamw", "adam", "adamax"] = "adamw"
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    adam_eps: float = 1e-8
     decay: Literal["linear", "constant", "cosine"] = "linear"
     weight_decay: float = 0.01
+    # Clip the global gradient norm to this; 0 or less does not clip.
     grad_norm: float = 2.0
     warmup_steps: int = 100
+    # When > 0, warm-up is int(warmup_ratio * total steps) and replaces warmup_steps (the
+    # resolved value is what the run directory's config.yaml shows).
+    warmup_ratio: float = 0.0
+    # True: update n runs at the schedule's value for n - 1, so the first update has learning
+    # rate 0 (the original train_itm.py's LambdaLR); False: UNITER's convention, update n at n.
+    warmup_from_zero: bool = False
     # 0 derives the step count from num_train_epochs.
     num_train_steps: int = 0
     num_train_epochs: int = 0
+    # 0 validates once per epoch (resolved to the updates of one epoch).
     valid_steps: int = 500
     # 0 saves at every validation.
     save_steps: int = 0
@@ -435,25 +447,87 @@ def _apply_override(nested: dict[str, Any], override: str, ignored: set[str]) ->
         nested.update(_deep_merge(nested, _flat_to_nested({key: value}, f"override {override!r}", ignored)))
 
 
+@dataclass(frozen=True)
+class OriginalRule:
+    """A value an original program hard-coded, whatever its config said.
+
+    Attributes:
+        key: our `section.field` that carries the behaviour.
+        value: the value that reproduces the original program.
+        replaces: original config keys that the program read but ignored for this.
+        why: one line for the warning and the docs (what the original code did).
+    """
+
+    key: str
+    value: Any
+    replaces: tuple[str, ...] = ()
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class OriginalProgram:
+    """How an original program read its flat JSON config: what a key left out meant.
+
+    An original config leaves out every key whose argparse default the original program used;
+    those defaults are often not ours (e.g. LightningDOT's `train_itm.py` warms up for 10% of
+    the run and uses AdamW betas (0.9, 0.999) without weight decay). Applied to original flat
+    configs only; our YAML configs keep our defaults.
+
+    Attributes:
+        name: the original program, for messages (e.g. "LightningDOT train_itm.py").
+        defaults: original flat key -> the program's argparse default, filled where the file
+            leaves the key out.
+        rules: behaviour the program hard-coded, applied over the file's values.
+        eps_by_optim: Adam epsilon of the optimiser class the program built for each `optim`.
+    """
+
+    name: str
+    defaults: dict[str, Any]
+    rules: tuple[OriginalRule, ...] = ()
+    eps_by_optim: dict[str, float] = field(default_factory=dict)
+
+    def resolve(self, flat: dict[str, Any], nested: dict[str, Any], source: str) -> dict[str, Any]:
+        """`nested` (the file's values) completed with this program's defaults and rules."""
+        ignored: set[str] = set()
+        merged = _deep_merge(_flat_to_nested(self.defaults, f"{self.name} defaults", ignored), nested)
+        for rule in self.rules:
+            section, name = rule.key.split(".", 1)
+            overruled = [key for key in rule.replaces if key in flat]
+            if overruled:
+                logger.warning(
+                    "%s: %s has no effect, as in the original %s: %s (%s=%r); override %s on the "
+                    "command line to change it", source, ", ".join(overruled), self.name, rule.why,
+                    rule.key, rule.value, rule.key,
+                )
+            merged.setdefault(section, {})[name] = rule.value
+        if self.eps_by_optim:
+            optim = merged.get("train", {}).get("optim", TrainConfig.optim)
+            if optim not in self.eps_by_optim:
+                raise ConfigError(f"{source}: optim {optim!r} is not one of {sorted(self.eps_by_optim)}")
+            merged.setdefault("train", {})["adam_eps"] = self.eps_by_optim[optim]
+        return merged
+
+
 def load_config(
     path: str | os.PathLike,
     overrides: list[str] | None = None,
-    original_defaults: dict[str, Any] | None = None,
+    program: OriginalProgram | None = None,
 ) -> RunConfig:
     """Load a config file (ours or an original flat JSON), apply overrides, validate.
 
     Args:
         path: YAML/JSON config file.
-        overrides: `section.key=value` or flat `key=value` strings, applied in order.
-        original_defaults: nested values that an entry script applies under an ORIGINAL
-            flat config only (e.g. pre-training batches counted in tokens, as UNITER did).
+        overrides: `section.key=value` or flat `key=value` strings, applied in order (they win
+            over everything, the original program's rules included).
+        program: the original program whose defaults and hard-coded rules an ORIGINAL flat
+            config means (the entry script's counterpart); ignored for our nested configs.
     """
     path = Path(path)
     ignored: set[str] = set()
     raw = _read_file(path)
     nested = _load_nested(path, ignored)
-    if original_defaults and is_original_format(raw):
-        nested = _deep_merge(original_defaults, nested)
+    if program is not None and is_original_format(raw):
+        nested = program.resolve(raw, nested, str(path))
     for override in overrides or []:
         _apply_override(nested, override, ignored)
     if ignored:
@@ -505,7 +579,7 @@ def require_path(value: str | None, key: str, kind: str = "any") -> Path:
     ok = {"file": path.is_file(), "dir": path.is_dir()}.get(kind, path.exists())
     if not ok:
         what = {"file": "file", "dir": "directory"}.get(kind, "path")
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"config key {key!r} points to {what} {value!r}, which does not exist "
             f"(relative paths resolve from the working directory {os.getcwd()})"
         )
@@ -521,11 +595,14 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def config_from_args(
-    args: argparse.Namespace, original_defaults: dict[str, Any] | None = None
-) -> RunConfig:
-    """Load `args.config` with `args.overrides` and `--output_dir`."""
-    config = load_config(args.config, args.overrides, original_defaults)
+def config_from_args(args: argparse.Namespace, program: OriginalProgram | None = None) -> RunConfig:
+    """Load `args.config` with `args.overrides` and `--output_dir`.
+
+    Args:
+        args: parsed command line (`add_config_args`).
+        program: the original program an original flat config was written for.
+    """
+    config = load_config(args.config, args.overrides, program)
     if args.output_dir is not None:
         config.output_dir = args.output_dir
     return config
