@@ -22,7 +22,7 @@ Written to OUT, each file atomically, `info.json` last (its presence marks a com
 * `topk.json`: `{"text_to_image": {caption id: [[image name, score], ...]},
   "image_to_text": {image name: [[caption id, score], ...]}}`, keyed by the QUERY, at most
   `retrieval.top_k` candidates per query, best first, never padded;
-* `recall.json`: SPEC 7 recall (`utils/metrics.py` layout) of the exact dot-product ranking
+* `recall.json`: SPEC 7 recall (`utils/search/metrics.py` layout) of the exact dot-product ranking
   over the whole split, or the COCO 1K 5-fold average when `retrieval.coco_1k`;
 * `info.json`: the split (paths, counts, reading parameters), the checkpoint, the bi-encoder
   config, the protocol, extra recalls (`recall_full_split` under COCO 1K, `recall_index` for
@@ -58,10 +58,10 @@ from utils.config import (
     config_from_args,
     require_path,
 )
+from utils.engine.training import to_device
 from utils.errors import DataKeyError, MissingPathError, UsageError, UserError, run_cli
 from utils.original_programs import LIGHTNINGDOT_EVAL_ITM
-from utils.retrieval import embed_batch
-from utils.training import to_device
+from utils.pipeline.evaluation import embed_batch
 
 logger = logging.getLogger("inference")
 
@@ -305,7 +305,7 @@ def encode_split(
         collate_fn: its collate function.
         lengths: per-example length used for sorting (tokens or boxes).
         encode: batch (on device) -> (B, D) embeddings.
-        writer: `utils.search.EmbeddingShardWriter`.
+        writer: `utils.search.indexes.EmbeddingShardWriter`.
         batch_size: examples per batch.
         device: compute device.
         precision: `utils.precision.Precision` (its autocast is used).
@@ -352,10 +352,10 @@ def topk_lists(
 ) -> list[list[tuple[int, float]]]:
     """Per query, [(corpus row, score), ...] best first (at most min(k, N), never padded).
 
-    Exact search (`utils.search.exact_topk`, on `device`) unless an approximate `index` over
+    Exact search (`utils.search.topk.exact_topk`, on `device`) unless an approximate `index` over
     `corpus` is given.
     """
-    from utils.search import exact_topk, results_to_lists
+    from utils.search.topk import exact_topk, results_to_lists
 
     if index is None:
         return results_to_lists(*exact_topk(queries, corpus, k, device=device))
@@ -406,17 +406,17 @@ def run(config: RunConfig, checkpoint: str, out_dir: str | os.PathLike, precisio
         text_eval_collate,
     )
     from utils.distributed import barrier, init_distributed, shutdown
-    from utils.metrics import (
-        fold_recall_from_embeddings,
-        recall_from_candidates,
-        recall_from_embeddings,
-    )
-    from utils.search import (
+    from utils.search.indexes import (
         EmbeddingShardWriter,
         build_index,
         index_embeddings,
         merge_shards,
         remove_shards,
+    )
+    from utils.search.metrics import (
+        fold_recall_from_embeddings,
+        recall_from_candidates,
+        recall_from_embeddings,
     )
 
     t_start = time.perf_counter()
@@ -625,7 +625,8 @@ def _load_tokenizer(path: str | None):
 
 def query(argv: Sequence[str]) -> dict[str, Any]:
     """The `query` sub-command; prints the hits and returns `{"query", "results"}`."""
-    from utils.search import load_index, results_to_lists
+    from utils.search.indexes import load_index
+    from utils.search.topk import results_to_lists
 
     args = build_query_parser().parse_args(list(argv))
     index_dir = Path(args.index_dir)

@@ -54,26 +54,25 @@ from utils.distributed import (
     shutdown,
     wrap_optimizer,
 )
-from utils.errors import run_cli
-from utils.model_setup import build_pretrain_model_for_run, check_model_paths
-from utils.original_programs import LIGHTNINGDOT_PRETRAIN
-from utils.precision import Precision, resolve_precision
-from utils.retrieval import EvalSplit, evaluate_recall, open_img_db
-from utils.training import (
+from utils.engine.training import (
     CKPT_DIR,
     CONFIG_FILE,
     MicroBatch,
     ResumableLoader,
     Trainer,
     add_run_args,
-    atomic_torch_save,
-    derive_seed,
     eval_loader,
-    make_batch_sampler,
     prepare_output_dir,
-    seed_everything,
     to_device,
 )
+from utils.errors import run_cli
+from utils.files import atomic_torch_save
+from utils.original_programs import LIGHTNINGDOT_PRETRAIN
+from utils.pipeline.evaluation import EvalSplit, evaluate_recall, open_img_db
+from utils.pipeline.model_setup import build_pretrain_model_for_run, check_model_paths
+from utils.pipeline.samplers import make_batch_sampler
+from utils.precision import Precision, resolve_precision
+from utils.rng import derive_seed, seed_everything
 
 logger = logging.getLogger("pretrain")
 

@@ -14,7 +14,7 @@ keep the stage-1 order). Written to `--output_dir` (default: the retrieval dir),
 * `rerank.json`: `{"before": recall, "after": recall, "top_m", "alpha", "num_pairs",
   "num_queries": {"text_to_image", "image_to_text"}, "split", "retrieval_dir",
   "reranker_checkpoint", "reranker_format", "device", "precision", "timing": {...}}`, recall
-  in the `utils/metrics.py` layout, both computed on the same top-M lists (before: bi-encoder
+  in the `utils/search/metrics.py` layout, both computed on the same top-M lists (before: bi-encoder
   order, after: fused order) with the SPEC 7 rules;
 * `rerank_scores.json`: `{"text_to_image": {caption id: [[image, biencoder, cross], ...]},
   "image_to_text": {image: [[caption id, biencoder, cross], ...]}}`, keyed by the query, in
@@ -32,7 +32,7 @@ many negative captions for its image, scored jointly and trained with `rerank.ra
 `model.biencoder_checkpoint` (the bi-encoder whose top-M will be re-ranked), chosen by
 `retrieval.hard_negatives_sampling`. It starts from `model.checkpoint` (UNITER pre-trained or
 ITM fine-tuned weights, config `model.model_config`) and runs on the shared training
-machinery (`utils/training.py`: accumulation, AMP, torchrun / Horovod, exact resume). It
+machinery (`utils/engine/training.py`: accumulation, AMP, torchrun / Horovod, exact resume). It
 writes our cross-encoder checkpoints to `OUT/ckpt/cross_encoder.{best,last}.pt`.
 """
 from __future__ import annotations
@@ -286,7 +286,7 @@ def lists_recall(
     score_at: int,
 ) -> dict[str, Any]:
     """SPEC 7 recall of candidate lists, ranking by the tuple entry at `score_at`."""
-    from utils.metrics import recall_from_candidates
+    from utils.search.metrics import recall_from_candidates
 
     img_pos = {name: i for i, name in enumerate(ids["img_ids"])}
     txt_pos = {t: i for i, t in enumerate(ids["txt_ids"])}
@@ -466,7 +466,7 @@ def hard_negative_miner(config: RunConfig, dataset):
     first that many negatives per side come from the candidates of
     `model.biencoder_checkpoint`, the bi-encoder whose top-M the re-ranker will see.
     """
-    from utils.retrieval import HardNegativeMiner
+    from utils.pipeline.evaluation import HardNegativeMiner
 
     r = config.retrieval
     if r.num_hard_negatives <= 0 or r.hard_negatives_sampling == "none":
@@ -488,7 +488,7 @@ def hard_negative_miner(config: RunConfig, dataset):
 def _ranking_eval(model, loader, device: torch.device, precision, group_size: int) -> dict[str, float]:
     """Mean loss and the share of groups whose positive scores above all its negatives."""
     from utils.distributed import all_reduce
-    from utils.training import to_device
+    from utils.engine.training import to_device
 
     model.eval()
     total = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, groups
@@ -520,19 +520,19 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     from optim.schedule import build_scheduler, resolve_run_length
     from utils.config import config_to_dict, save_config
     from utils.distributed import init_distributed, shutdown, wrap_optimizer
-    from utils.original_programs import UNITER_TRAIN_ITM
-    from utils.precision import resolve_precision
-    from utils.training import (
+    from utils.engine.training import (
         CKPT_DIR,
         CONFIG_FILE,
         MicroBatch,
         ResumableLoader,
         Trainer,
-        atomic_torch_save,
         eval_loader,
         prepare_output_dir,
-        seed_everything,
     )
+    from utils.files import atomic_torch_save
+    from utils.original_programs import UNITER_TRAIN_ITM
+    from utils.precision import resolve_precision
+    from utils.rng import seed_everything
 
     config = config_from_args(args, UNITER_TRAIN_ITM)
     c = config

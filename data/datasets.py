@@ -225,7 +225,7 @@ class _CaptionImageDataset(Dataset):
 
 class _HardNegativeDataset(_CaptionImageDataset):
     """Caption-image examples that can take mined hard negatives (images for the caption,
-    captions for the image), e.g. from `utils.retrieval.HardNegativeMiner`."""
+    captions for the image), e.g. from `utils.pipeline.evaluation.HardNegativeMiner`."""
 
     def __init__(self, txt_dbs: Sequence[TxtDb], img_dbs: Sequence[ImgDb]) -> None:
         super().__init__(txt_dbs, img_dbs)

@@ -5,7 +5,7 @@
 
 Each argument is a results file or a directory (searched recursively for `recall.json`,
 `rerank.json`, `test_results.json`, `summary.json`), optionally prefixed with `LABEL=`.
-Every recall dict found in a file (the SPEC 7 layout of `utils/metrics.py`, at any depth)
+Every recall dict found in a file (the SPEC 7 layout of `utils/search/metrics.py`, at any depth)
 becomes one row: `rerank.json` gives a stage-1 row and a re-ranked row; nested dicts (e.g. a
 demo summary) give one row per recall dict, labelled by their key path. Timing comes from a
 `timing` dict beside the recall dict (or in an enclosing dict), and for `recall.json` from the

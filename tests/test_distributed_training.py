@@ -22,8 +22,9 @@ from optim.schedule import build_scheduler
 from tests._training_configs import itm_config, pretrain_config, write_config
 from utils.config import load_config
 from utils.distributed import DistEnv
-from utils.retrieval import open_img_db
-from utils.training import make_batch_sampler, read_metrics
+from utils.engine.training import read_metrics
+from utils.pipeline.evaluation import open_img_db
+from utils.pipeline.samplers import make_batch_sampler
 
 # Fixtures tiny_data / small_data / tiny_models.
 pytest_plugins = ["tests._training_fixtures"]

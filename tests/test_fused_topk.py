@@ -1,4 +1,4 @@
-"""Exact top-k search (`utils.fused_topk`): torch path always, Triton kernel under its interpreter.
+"""Exact top-k search (`utils.search.topk`): torch path always, Triton kernel under its interpreter.
 
 Every result is checked against a float64 brute force on the same (rounded) inputs: the
 scores must be the k largest, the indices must point at keys with those scores, and no index
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.fused_topk import (
+from utils.search.topk import (
     MAX_TRITON_K,
     TopKConfig,
     default_config,
@@ -112,7 +112,7 @@ _TRITON_SCRIPT = textwrap.dedent(
     import torch
     sys.path.insert(0, sys.argv[1])
     from tests.test_fused_topk import check_topk
-    from utils.fused_topk import TopKConfig, fused_topk, topk_triton
+    from utils.search.topk import TopKConfig, fused_topk, topk_triton
 
     cases = [
         # name, Q, N, D, k, dtype, config (None = default_config), key row stride padding

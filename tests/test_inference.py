@@ -16,8 +16,8 @@ from tests.conftest import ORIGINAL_CONFIGS_DIR
 from tests.test_metrics import assert_same as assert_same_recall
 from tests.test_metrics import brute_force_recall
 from utils.config import ConfigError
-from utils.metrics import fold_recall_from_scores
-from utils.search import FlatIndex, HNSWIndex, IVFPQIndex, load_index
+from utils.search.indexes import FlatIndex, HNSWIndex, IVFPQIndex, load_index
+from utils.search.metrics import fold_recall_from_scores
 
 EXPECTED_FILES = {
     "img_emb.npy", "txt_emb.npy", "ids.json", "img.index", "txt.index", "topk.json", "recall.json", "info.json",

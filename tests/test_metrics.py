@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.metrics import (
+from utils.search.metrics import (
     NO_POSITIVE,
     NOT_FOUND,
     candidate_rank,

@@ -15,8 +15,8 @@ from tests._training_configs import pretrain_config, write_config
 from tests.conftest import ORIGINAL_CONFIGS_DIR
 from utils.config import ConfigError, load_config
 from utils.distributed import init_distributed
+from utils.engine.training import list_states, read_metrics
 from utils.precision import resolve_precision
-from utils.training import list_states, read_metrics
 
 # Fixtures tiny_data / small_data / tiny_models.
 pytest_plugins = ["tests._training_fixtures"]

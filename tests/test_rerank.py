@@ -16,7 +16,7 @@ from tests import _inference_fixtures as fixtures
 from tests._inference_fixtures import Workspace
 from tests.conftest import ORIGINAL_CONFIGS_DIR
 from utils.config import ConfigError, load_config
-from utils.training import OutputDirError
+from utils.engine.training import OutputDirError
 
 # Shared session fixtures (tests/_inference_fixtures.py), bound here so pytest finds them.
 workspace = fixtures.workspace

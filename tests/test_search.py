@@ -7,19 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from utils.search import (
+from utils.search.indexes import (
     EmbeddingShardWriter,
     FlatIndex,
     HNSWIndex,
     IVFPQIndex,
     build_index,
-    exact_topk,
     index_embeddings,
     load_index,
     merge_shards,
     remove_shards,
-    results_to_lists,
 )
+from utils.search.topk import exact_topk, results_to_lists
 
 # Stated recall of the approximate indexes against exact top-10, on 2,000 Gaussian vectors.
 HNSW_MIN_RECALL = 0.95

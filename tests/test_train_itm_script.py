@@ -12,7 +12,12 @@ from model.checkpoint import build_biencoder_from_checkpoint, read_checkpoint
 from tests._training_configs import itm_config, write_config
 from tests.conftest import ORIGINAL_CONFIGS_DIR
 from utils.config import ConfigError, load_config
-from utils.training import NonFiniteLossError, OutputDirError, list_states, read_metrics
+from utils.engine.training import (
+    NonFiniteLossError,
+    OutputDirError,
+    list_states,
+    read_metrics,
+)
 
 # Fixtures tiny_data / small_data / tiny_models.
 pytest_plugins = ["tests._training_fixtures"]

@@ -1,4 +1,4 @@
-"""utils/training.py: step accounting, NaN guard, atomic state, resume, output-dir rules."""
+"""utils/engine/training.py: step accounting, NaN guard, atomic state, resume, output-dir rules."""
 from __future__ import annotations
 
 import json
@@ -14,22 +14,21 @@ from optim.optimizer import build_optimizer
 from optim.schedule import build_scheduler
 from utils.config import TrainConfig
 from utils.distributed import DistEnv
-from utils.precision import resolve_precision
-from utils.training import (
+from utils.engine.training import (
     MetricsLogger,
     MicroBatch,
     NonFiniteLossError,
     OutputDirError,
     ResumableLoader,
     Trainer,
-    atomic_torch_save,
-    capture_rng_state,
     list_states,
     prepare_output_dir,
     read_metrics,
-    restore_rng_state,
     state_path,
 )
+from utils.files import atomic_torch_save
+from utils.precision import resolve_precision
+from utils.rng import capture_rng_state, restore_rng_state
 
 ENV = DistEnv(backend="none", rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 

@@ -27,14 +27,11 @@ import numpy as np
 import torch
 
 from utils.errors import DataError, MissingPathError
+from utils.search.topk import MISSING_ID, ArrayLike, exact_topk
 
 logger = logging.getLogger(__name__)
 
-ArrayLike = np.ndarray | torch.Tensor
 INDEX_TYPES = ("flat", "hnsw", "ivfpq")
-# One (query block x corpus block) score matrix stays below this many elements.
-DEFAULT_BLOCK_ELEMENTS = 1 << 24
-_MISSING = -1
 
 
 def _import_faiss():
@@ -46,137 +43,6 @@ def _import_faiss():
             "your CUDA) to build HNSW / IVF-PQ indexes; exact search works without it"
         ) from err
     return faiss
-
-
-def _block(x: ArrayLike, start: int, stop: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Rows [start, stop) of a tensor or numpy array (memmap) as a tensor on `device`."""
-    part = x[start:stop]
-    if isinstance(part, np.ndarray):
-        part = np.ascontiguousarray(part, dtype=np.float32)
-        # Read-only memmaps cannot back a tensor; the copy is one bounded block.
-        part = torch.from_numpy(part if part.flags.writeable else part.copy())
-    return part.to(device=device, dtype=dtype, non_blocking=True)
-
-
-def block_scores(queries: torch.Tensor, corpus: torch.Tensor) -> torch.Tensor:
-    """(Q, C) float32 scores of one block, accumulated in float32 whatever the input dtype."""
-    if queries.is_cuda and corpus.dtype in (torch.float16, torch.bfloat16):
-        try:
-            # fp32 output straight from the half-precision GEMM: no rounded half scores.
-            return torch.mm(queries, corpus.t(), out_dtype=torch.float32)
-        except (RuntimeError, TypeError):
-            return (queries @ corpus.t()).float()
-    # CPU half-precision GEMMs are slow and round their output: compute in float32.
-    return queries.float() @ corpus.float().t()
-
-
-def _default_dtype(x: ArrayLike) -> torch.dtype:
-    if isinstance(x, torch.Tensor) and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
-        return x.dtype
-    return torch.float32
-
-
-def exact_topk(
-    queries: ArrayLike,
-    corpus: ArrayLike,
-    k: int,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    query_block: int | None = None,
-    corpus_block: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact inner-product top-k of every query over the corpus.
-
-    Args:
-        queries: (Q, D) tensor or numpy array (memmap fine).
-        corpus: (N, D) tensor or numpy array (memmap fine).
-        k: wanted hits per query; more than N returns N (never padded).
-        device: compute device; default the corpus tensor's device, or CUDA when available
-            for numpy input, else CPU.
-        dtype: compute dtype for the products (fp32 / fp16 / bf16); default the corpus dtype.
-            Scores are returned in fp32 either way.
-        query_block: queries per block (default: bounded by DEFAULT_BLOCK_ELEMENTS).
-        corpus_block: corpus rows per block (default: bounded by DEFAULT_BLOCK_ELEMENTS).
-
-    Returns:
-        (scores fp32 (Q, min(k, N)), indices int64 (Q, min(k, N))) on the compute device,
-        best first; equal scores are ordered by corpus index.
-    """
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
-    if queries.shape[1] != corpus.shape[1]:
-        raise ValueError(f"query dim {queries.shape[1]} != corpus dim {corpus.shape[1]}")
-    if device is None:
-        if isinstance(corpus, torch.Tensor):
-            device = corpus.device
-        else:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    dtype = dtype or _default_dtype(corpus)
-    n_q, n_c = queries.shape[0], corpus.shape[0]
-    k_eff = min(k, n_c)
-    scores_out = torch.empty((n_q, k_eff), dtype=torch.float32, device=device)
-    index_out = torch.empty((n_q, k_eff), dtype=torch.long, device=device)
-    if n_q == 0 or k_eff == 0:
-        return scores_out, index_out
-    corpus_block = corpus_block or max(k_eff, min(n_c, 1 << 16))
-    query_block = query_block or max(1, DEFAULT_BLOCK_ELEMENTS // corpus_block)
-    # A corpus already on the device, or small enough to fit, is moved there once, not once
-    # per query block; blocks are then views of it.
-    on_device = isinstance(corpus, torch.Tensor) and corpus.device == device
-    resident = on_device or corpus_block >= n_c
-    corpus_dev = _block(corpus, 0, n_c, device, dtype) if resident else None
-    if resident and _use_fused_kernel(device, k_eff):
-        from utils.fused_topk import topk_triton
-
-        best_s, best_i = topk_triton(_block(queries, 0, n_q, device, dtype), corpus_dev, k_eff)
-        return _order_ties_by_index(best_s, best_i)
-    for q0 in range(0, n_q, query_block):
-        q = _block(queries, q0, q0 + query_block, device, dtype)
-        best_s = torch.empty((q.shape[0], 0), dtype=torch.float32, device=device)
-        best_i = torch.empty((q.shape[0], 0), dtype=torch.long, device=device)
-        for c0 in range(0, n_c, corpus_block):
-            c = corpus_dev[c0 : c0 + corpus_block] if resident else _block(corpus, c0, c0 + corpus_block, device, dtype)
-            s = block_scores(q, c)
-            top_s, top_i = s.topk(min(k_eff, s.shape[1]), dim=1)
-            cand_s = torch.cat([best_s, top_s], dim=1)
-            cand_i = torch.cat([best_i, top_i + c0], dim=1)
-            keep = min(k_eff, cand_s.shape[1])
-            best_s, pos = cand_s.topk(keep, dim=1)
-            best_i = cand_i.gather(1, pos)
-        best_s, best_i = _order_ties_by_index(best_s, best_i)
-        scores_out[q0 : q0 + q.shape[0]] = best_s
-        index_out[q0 : q0 + q.shape[0]] = best_i
-    return scores_out, index_out
-
-
-def _use_fused_kernel(device: torch.device, k: int) -> bool:
-    """On CUDA with Triton, the fused matmul + running top-k kernel replaces the block loop."""
-    if device.type != "cuda":
-        return False
-    from utils.fused_topk import resolve_backend
-
-    return resolve_backend("auto", device, k) == "triton"
-
-
-def _order_ties_by_index(scores: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort rows by score (descending), equal scores by index, so output is reproducible."""
-    by_index = index.argsort(dim=1)
-    scores, index = scores.gather(1, by_index), index.gather(1, by_index)
-    order = scores.argsort(dim=1, descending=True, stable=True)
-    return scores.gather(1, order), index.gather(1, order)
-
-
-def results_to_lists(scores: ArrayLike, ids: ArrayLike) -> list[list[tuple[int, float]]]:
-    """Per query, [(id, score), ...] best first, dropping the -1 slots faiss could not fill."""
-    if isinstance(scores, torch.Tensor):
-        scores = scores.detach().float().cpu().numpy()
-    if isinstance(ids, torch.Tensor):
-        ids = ids.detach().cpu().numpy()
-    return [
-        [(int(i), float(s)) for i, s in zip(row_i, row_s) if i != _MISSING]
-        for row_i, row_s in zip(ids, scores)
-    ]
 
 
 def faiss_gpu_available() -> bool:
@@ -295,7 +161,7 @@ class FaissIndex(DenseIndex):
             return np.empty((queries.shape[0], k_eff), np.float32), np.empty((queries.shape[0], k_eff), np.int64)
         scores, ids = self._index.search(queries, k_eff)
         ids = ids.astype(np.int64, copy=False)
-        scores = np.where(ids == _MISSING, -np.inf, scores).astype(np.float32)
+        scores = np.where(ids == MISSING_ID, -np.inf, scores).astype(np.float32)
         return scores, ids
 
     def serialize(self, path: str | os.PathLike) -> None:

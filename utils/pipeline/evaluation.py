@@ -2,7 +2,7 @@
 
 * `EvalSplit`: one (txt_db, img_db) pair in the split's canonical orders (SPEC 1, 7).
 * `encode_split`: every caption and image embedded, sharded over ranks and gathered.
-* `evaluate_recall`: R@1/5/10 both ways, RSUM and AR (`utils/metrics.py`).
+* `evaluate_recall`: R@1/5/10 both ways, RSUM and AR (`utils/search/metrics.py`).
 * `HardNegativeMiner`: SPEC 6 hard negatives mined with the current model, kept in the
   training state so a resumed run trains on the same negatives.
 """
@@ -29,10 +29,11 @@ from data.txt_db import TxtDb
 from model.biencoder import BiEncoder
 from utils.config import DataConfig, TrainConfig
 from utils.distributed import DistEnv, all_gather_no_grad, broadcast_object
-from utils.metrics import recall_from_embeddings
+from utils.engine.training import eval_loader, to_device
+from utils.pipeline.samplers import make_batch_sampler
 from utils.precision import Precision
-from utils.search import exact_topk
-from utils.training import eval_loader, make_batch_sampler, to_device
+from utils.search.metrics import recall_from_embeddings
+from utils.search.topk import exact_topk
 
 logger = logging.getLogger(__name__)
 

@@ -1,12 +1,12 @@
 """Triton kernel: inner products fused with a running top-k (exact maximum inner-product search).
 
-Imported only by `utils.fused_topk` when Triton is needed, so that the rest of the project
+Imported only by `utils.search.topk` when Triton is needed, so that the rest of the project
 never imports `triton` (it ships with CUDA builds of torch and is no core dependency).
 
 Each program owns BLOCK_Q queries and one contiguous split of the keys. It streams the split
 in tiles of BLOCK_N keys, computes the (BLOCK_Q, BLOCK_N) score tile with `tl.dot` (fp32
 accumulation), and keeps a per-query list of the K best (score, index) pairs in registers.
-Only the (Q, splits, K) candidate lists reach device memory; `utils.fused_topk` merges the
+Only the (Q, splits, K) candidate lists reach device memory; `utils.search.topk` merges the
 splits with one small `torch.topk`. The full Q x N score matrix is never materialised.
 
 Running top-k update, per tile: a query's tile can only matter when its best score beats the
@@ -125,7 +125,7 @@ def launch_fused_topk(
     """Run the kernel; returns per-split candidates (Q, splits, k) scores (fp32) and indices.
 
     Unused candidate slots (a split with fewer than k keys) hold score -inf and index -1.
-    Arguments are validated by the caller (`utils.fused_topk.fused_topk`). `upcast` converts
+    Arguments are validated by the caller (`utils.search.topk.fused_topk`). `upcast` converts
     the tiles to fp32 before `tl.dot`: Triton's CPU interpreter (3.9) multiplies bf16 tiles
     as raw integers, so the tests need it there; on a GPU it would only slow the kernel.
     """

@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import random
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -53,7 +52,9 @@ from utils.distributed import (
     wrap_model,
 )
 from utils.errors import DataError, UserError
+from utils.files import atomic_torch_save
 from utils.precision import Precision
+from utils.rng import capture_rng_state, derive_seed, restore_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -103,62 +104,6 @@ class Stateful(Protocol):
 
 
 # ---------------------------------------------------------------- seeding and RNG state
-
-
-def derive_seed(*parts: int) -> int:
-    """A 32-bit seed mixed from integers (seed, rank, epoch, ...), stable across runs."""
-    words = [int(p) % (1 << 64) for p in parts]
-    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint32)[0])
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python `random`, numpy's global RNG and torch (CPU and every GPU)."""
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-    torch.manual_seed(seed)
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """This process's global RNG states, as plain values and tensors (`weights_only`-safe)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    cuda = []
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        cuda = torch.cuda.get_rng_state_all()
-    return {
-        "python": random.getstate(),
-        "numpy": {
-            "name": name,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-        "torch": torch.get_rng_state(),
-        "cuda": cuda,
-    }
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Inverse of `capture_rng_state`."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    np_state = state["numpy"]
-    np.random.set_state(
-        (
-            np_state["name"],
-            np_state["keys"].numpy().astype(np.uint32),
-            np_state["pos"],
-            np_state["has_gauss"],
-            np_state["cached_gaussian"],
-        )
-    )
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        if len(state["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state["cuda"])
-        else:
-            logger.warning("checkpoint has CUDA RNG states for %d devices, this machine %d: not restored",
-                           len(state["cuda"]), torch.cuda.device_count())
 
 
 # ---------------------------------------------------------------- data
@@ -315,51 +260,6 @@ class ResumableLoader:
         self._iter = None
 
 
-def make_batch_sampler(
-    lens: Sequence[int],
-    batch_size: int,
-    unit: str,
-    env: DistEnv,
-    *,
-    seed: int,
-    shuffle: bool,
-    img_names: Sequence[str] | None = None,
-    allow_duplicate_images: bool = False,
-) -> Any:
-    """A length-bucketed batch sampler sharded for this rank (`data/samplers.py`).
-
-    Args:
-        lens: bucketing length of every example (text tokens + boxes for pairs).
-        batch_size: examples per batch, or tokens per batch when `unit` is `tokens`.
-        unit: `examples` | `tokens` (UNITER's pre-training counts padded tokens).
-        env: gives the rank and world size.
-        seed: shuffle seed.
-        shuffle: False for evaluation (canonical order).
-        img_names: image of every example, for contrastive batches that must not repeat an
-            image; such batches are counted in examples, so a token budget is converted
-            with the median example length.
-        allow_duplicate_images: with `img_names`, let an image repeat (the loss masks it).
-    """
-    from data.samplers import DistinctImageBatchSampler, LengthBucketBatchSampler
-
-    if unit not in ("examples", "tokens"):
-        raise ValueError(f"train.batch_size_unit must be 'examples' or 'tokens', got {unit!r}")
-    shard = {"seed": seed, "shuffle": shuffle, "rank": env.rank, "world_size": env.world_size}
-    if img_names is not None:
-        if unit == "tokens":
-            typical = max(1, int(np.median(lens))) if len(lens) else 1
-            examples = max(1, batch_size // typical)
-            logger.info("contrastive batches of %d tokens -> %d examples (median length %d)",
-                        batch_size, examples, typical)
-            batch_size = examples
-        return DistinctImageBatchSampler(
-            img_names, lens, batch_size, allow_duplicates=allow_duplicate_images, **shard
-        )
-    if unit == "tokens":
-        return LengthBucketBatchSampler(lens, max_tokens=batch_size, **shard)
-    return LengthBucketBatchSampler(lens, batch_size=batch_size, **shard)
-
-
 def eval_loader(
     dataset: Any,
     collate_fn: Callable[[list], Batch],
@@ -379,25 +279,6 @@ def eval_loader(
 
 
 # ---------------------------------------------------------------- files
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """`torch.save` to a temporary file in the same directory, then rename it into place.
-
-    A run killed mid-write leaves the previous file intact and at worst a `*.tmp` file,
-    which `prepare_output_dir` removes.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def state_path(output_dir: str | os.PathLike, step: int) -> Path:
