@@ -10,13 +10,18 @@ import pytest
 import torch
 
 import rerank
-from inference import RetrievalDirError, resolve_split
 from model.state_dicts import CheckpointError
 from tests import _inference_fixtures as fixtures
 from tests._inference_fixtures import Workspace
 from tests.conftest import ORIGINAL_CONFIGS_DIR
 from utils.config import ConfigError, load_config
 from utils.engine.training import OutputDirError
+from utils.pipeline import reranking
+from utils.pipeline.retrieval_dir import (
+    RetrievalDirError,
+    load_biencoder,
+    resolve_split,
+)
 
 # Shared session fixtures (tests/_inference_fixtures.py), bound here so pytest finds them.
 workspace = fixtures.workspace
@@ -56,19 +61,19 @@ def cli(ws: Workspace, retrieval: Path, out: Path, *extra: str, checkpoint: Path
 def test_fuse_keeps_stage1_order_on_ties_and_mixes_scores():
     cands = {"q": [("a", 3.0), ("b", 2.0), ("c", 1.0)]}
     cross = {("q", "a"): 0.0, ("q", "b"): 5.0, ("q", "c"): 0.0}
-    assert [r[0] for r in rerank.fuse(cands, cross, 0.0, True)["q"]] == ["b", "a", "c"]
-    assert [r[0] for r in rerank.fuse(cands, cross, 1.0, True)["q"]] == ["a", "b", "c"]
-    mixed = rerank.fuse(cands, cross, 0.5, True)["q"]
+    assert [r[0] for r in reranking.fuse(cands, cross, 0.0, True)["q"]] == ["b", "a", "c"]
+    assert [r[0] for r in reranking.fuse(cands, cross, 1.0, True)["q"]] == ["a", "b", "c"]
+    mixed = reranking.fuse(cands, cross, 0.5, True)["q"]
     assert mixed[0] == ("b", 2.0, 5.0, 3.5)
     # Image queries look the pair up as (caption, image).
-    assert rerank.fuse({"img": [("t", 1.0)]}, {("t", "img"): 7.0}, 0.0, False)["img"][0][2] == 7.0
+    assert reranking.fuse({"img": [("t", 1.0)]}, {("t", "img"): 7.0}, 0.0, False)["img"][0][2] == 7.0
 
 
 @pytest.mark.parametrize("top_m", [3, 5])
 def test_ground_truth_scorer_gives_perfect_r1_whenever_found(workspace, retrieval_dir, tmp_path, top_m):
     config = load_config(workspace.config)
     scorer = GroundTruthScorer(txt2img_of(workspace))
-    result = rerank.rerank_retrieval_dir(retrieval_dir, resolve_split(config), scorer, top_m, 0.0, tmp_path)
+    result = reranking.rerank_retrieval_dir(retrieval_dir, resolve_split(config), scorer, top_m, 0.0, tmp_path)
     before, after = result["before"], result["after"]
     # Before: the ground truth is among the candidates for R@top_m of the queries.
     topk = json.loads((retrieval_dir / "topk.json").read_text())
@@ -85,7 +90,7 @@ def test_ground_truth_scorer_gives_perfect_r1_whenever_found(workspace, retrieva
 
 def test_alpha_one_reproduces_stage_one(workspace, retrieval_dir, tmp_path):
     config = load_config(workspace.config)
-    result = rerank.rerank_retrieval_dir(retrieval_dir, resolve_split(config), RandomScorer(), 4, 1.0, tmp_path)
+    result = reranking.rerank_retrieval_dir(retrieval_dir, resolve_split(config), RandomScorer(), 4, 1.0, tmp_path)
     assert result["after"] == result["before"]
     # The sweep re-sorts the same scored lists: its alpha 1 is stage 1 again.
     assert result["alpha_sweep"]["1.0"] == result["before"]
@@ -181,7 +186,6 @@ def test_hard_negatives_reach_the_itm_dataset(workspace):
     from data.datasets import ItmRankDataset
     from data.img_db import ImgDb
     from data.txt_db import TxtDb
-    from inference import load_biencoder
     from utils.distributed import init_distributed
     from utils.precision import resolve_precision
 
@@ -190,7 +194,7 @@ def test_hard_negatives_reach_the_itm_dataset(workspace):
                                       "retrieval.hard_negatives_sampling=top",
                                       f"model.biencoder_checkpoint={ws.our_ckpt}"])
     dataset = ItmRankDataset([TxtDb(ws.data["txt_db"]["train"])], [ImgDb(ws.data["img_db"])], 2, seed=0)
-    miner = rerank.hard_negative_miner(config, dataset)
+    miner = reranking.hard_negative_miner(config, dataset)
     env = init_distributed("none", "cpu")
     model, _ = load_biencoder(ws.our_ckpt, config)
     miner.mine(model, 0, 0, env, resolve_precision("fp32", env.device), config.train, config.data)
@@ -201,8 +205,8 @@ def test_hard_negatives_reach_the_itm_dataset(workspace):
     assert item["img_names"][1] == mined[0]  # the mined negative comes first, then samples
     assert len(item["img_names"]) == dataset.group_size == 5
     with pytest.raises(ConfigError, match="biencoder_checkpoint"):
-        rerank.hard_negative_miner(load_config(ws.config, ["retrieval.num_hard_negatives=1",
+        reranking.hard_negative_miner(load_config(ws.config, ["retrieval.num_hard_negatives=1",
                                                            "retrieval.hard_negatives_sampling=top"]), dataset)
     with pytest.raises(ConfigError, match="negative_size"):
-        rerank.hard_negative_miner(load_config(ws.config, ["retrieval.num_hard_negatives=3",
+        reranking.hard_negative_miner(load_config(ws.config, ["retrieval.num_hard_negatives=3",
                                                            "retrieval.hard_negatives_sampling=top"]), dataset)

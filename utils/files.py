@@ -31,15 +31,15 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to a temporary file beside `path`, then rename it into place."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    # The pid keeps ranks that write the same file from sharing a temporary name.
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """`obj` as indented JSON, written atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2))
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = None) -> None:
+    """`obj` as JSON (compact unless `indent`), written atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=indent))

@@ -1,0 +1,322 @@
+"""The retrieval directory that inference.py writes and rerank.py reads, and what fills it.
+
+Split spec, model loading by checkpoint format, encoding a split to sharded embeddings, top-k
+lists, and the directory's file names (see inference.py for the layout).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from utils.config import ConfigError, RunConfig, require_path
+from utils.engine.training import to_device
+from utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+INFO_FILE = "info.json"
+
+
+IDS_FILE = "ids.json"
+
+
+TOPK_FILE = "topk.json"
+
+
+RECALL_FILE = "recall.json"
+
+
+IMG_EMB_FILE = "img_emb.npy"
+
+
+TXT_EMB_FILE = "txt_emb.npy"
+
+
+IMG_INDEX_FILE = "img.index"
+
+
+TXT_INDEX_FILE = "txt.index"
+
+
+OUTPUT_FILES = (IMG_EMB_FILE, TXT_EMB_FILE, IDS_FILE, IMG_INDEX_FILE, TXT_INDEX_FILE, TOPK_FILE, RECALL_FILE)
+
+
+SHARD_DIR = "shards"
+
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+class RetrievalDirError(UserError, ValueError):
+    """A retrieval directory that is incomplete or belongs to another split."""
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """Read a JSON file, naming `what` it is when it is missing or broken."""
+    path = Path(path)
+    if not path.is_file():
+        raise RetrievalDirError(f"{what} {path} does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise RetrievalDirError(f"{what} {path} is not valid JSON: {err}") from err
+
+
+@dataclass(frozen=True)
+class Split:
+    """The evaluation split a run reads, with the parameters that change what is read."""
+
+    name: str
+    txt_db: str
+    img_db: str
+    max_txt_len: int
+    conf_th: float
+    max_bb: int
+    min_bb: int
+    num_bb: int
+    compressed_db: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (stored in info.json)."""
+        return dict(self.__dict__)
+
+
+def resolve_split(config: RunConfig) -> Split:
+    """The split named by `retrieval.eval_split` (`test` or `val`), paths checked.
+
+    Raises:
+        ConfigError: the split's txt_db / img_db keys are not set.
+        FileNotFoundError: they point nowhere (the message names the key).
+    """
+    name = config.retrieval.eval_split
+    txt_key, img_key = f"{name}_txt_db", f"{name}_img_db"
+    txt_db = require_path(getattr(config.data, txt_key), f"data.{txt_key}", "dir")
+    img_db = require_path(getattr(config.data, img_key), f"data.{img_key}", "dir")
+    d = config.data
+    return Split(
+        name=name,
+        txt_db=str(txt_db.resolve()),
+        img_db=str(img_db.resolve()),
+        max_txt_len=d.max_txt_len,
+        conf_th=d.conf_th,
+        max_bb=d.max_bb,
+        min_bb=d.min_bb,
+        num_bb=d.num_bb,
+        compressed_db=d.compressed_db,
+    )
+
+
+def open_split(split: Split):
+    """(TxtDb, ImgDb) of a split."""
+    from data.img_db import ImgDb
+    from data.txt_db import TxtDb
+
+    txt_db = TxtDb(split.txt_db, split.max_txt_len)
+    img_db = ImgDb(
+        split.img_db, split.conf_th, split.max_bb, split.min_bb, split.num_bb, split.compressed_db
+    )
+    return txt_db, img_db
+
+
+def caption_image_indices(txt_db, img_ids: Sequence[str]) -> np.ndarray:
+    """Image row of every caption of `txt_db` (in `txt_db.ids` order)."""
+    position = {name: i for i, name in enumerate(img_ids)}
+    out = np.empty(len(txt_db.ids), dtype=np.int64)
+    for t, txt_id in enumerate(txt_db.ids):
+        name = txt_db.txt2img[txt_id]
+        if name not in position:
+            raise ValueError(
+                f"txt_db {txt_db.db_dir}: caption {txt_id!r} belongs to image {name!r}, which is "
+                f"not a key of img2txts.json"
+            )
+        out[t] = position[name]
+    return out
+
+
+def check_retrieval_dir(retrieval_dir: str | os.PathLike, split: Split) -> dict[str, Any]:
+    """Read `info.json` of an inference output and check it was made from `split`.
+
+    Returns:
+        The info dict.
+
+    Raises:
+        RetrievalDirError: incomplete directory, or produced from another split / filter.
+    """
+    retrieval_dir = Path(retrieval_dir)
+    info = read_json(retrieval_dir / INFO_FILE, "retrieval info (written last by inference.py)")
+    saved = info.get("split", {})
+    fields = ("name", "txt_db", "img_db", "max_txt_len", "conf_th", "max_bb", "min_bb", "num_bb", "compressed_db")
+    diffs = [
+        f"{key}: retrieval_dir has {saved.get(key)!r}, the config gives {getattr(split, key)!r}"
+        for key in fields
+        if saved.get(key) != getattr(split, key)
+    ]
+    if diffs:
+        raise RetrievalDirError(
+            f"{retrieval_dir / INFO_FILE} was produced from a different split than the one "
+            f"configured; re-run inference.py for this split or fix the config:\n  "
+            + "\n  ".join(diffs)
+        )
+    for name in (IDS_FILE, TOPK_FILE):
+        if not (retrieval_dir / name).is_file():
+            raise RetrievalDirError(f"{retrieval_dir}: {name} is missing (inference did not finish?)")
+    return info
+
+
+def checkpoint_format(path: str | os.PathLike) -> str:
+    """`ours` (self-describing), `original-biencoder` (`model_dict`) or `original-pretrain`."""
+    from model.checkpoint import OUR_FORMATS
+    from model.state_dicts import read_weights
+
+    obj = read_weights(path)
+    if obj.get("format") in OUR_FORMATS:
+        return "ours"
+    if "model_dict" in obj:
+        return "original-biencoder"
+    if any(k.startswith("bert.") for k in obj):
+        return "original-pretrain"
+    return "state-dict"
+
+
+def load_biencoder(
+    checkpoint: str | os.PathLike, config: RunConfig | None = None, model_config: Mapping[str, Any] | None = None
+):
+    """The bi-encoder of `checkpoint`, in eval mode, and the checkpoint's format.
+
+    Our checkpoints rebuild their model alone. An original checkpoint needs the towers'
+    configs: `model_config` (a `BiEncoderConfig` dict, e.g. from info.json) or the run config's
+    `model.txt_model_config`, `model.img_model_config` and `model.project_dim`.
+
+    Raises:
+        FileNotFoundError: the checkpoint or a tower config does not exist.
+        model.state_dicts.CheckpointError: the weights do not fit the configured towers.
+    """
+    from model.biencoder import BiEncoder, BiEncoderConfig, build_biencoder
+    from model.checkpoint import build_biencoder_from_checkpoint, load_biencoder_weights
+
+    path = require_path(str(checkpoint), "--checkpoint", "file")
+    fmt = checkpoint_format(path)
+    if fmt == "ours":
+        model = build_biencoder_from_checkpoint(path)
+    else:
+        if model_config is not None:
+            model = BiEncoder(BiEncoderConfig.from_dict(model_config))
+        elif config is not None:
+            m = config.model
+            for key in ("txt_model_config", "img_model_config"):
+                if not getattr(m, key):
+                    raise ConfigError(f"{path} is an original checkpoint: set model.{key} (its tower config)")
+            # build_biencoder names the key of a missing path (and refuses hub names offline).
+            model = build_biencoder(m.txt_model_config, m.img_model_config, project_dim=m.project_dim)
+        else:
+            raise ConfigError(f"{path} is an original checkpoint: its tower configs are needed")
+        load_biencoder_weights(model, path)
+    return model.eval(), fmt
+
+
+def pick_precision(requested: str, config_precision: str, device: torch.device):
+    """Inference precision: `auto` = autocast on a GPU (the config's fp16/bf16, else bf16
+    when supported, else fp16), fp32 on a CPU."""
+    from utils.precision import resolve_precision
+
+    if requested == "auto":
+        if device.type != "cuda":
+            requested = "fp32"
+        elif config_precision in ("fp16", "bf16"):
+            requested = config_precision
+        else:
+            requested = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return resolve_precision(requested, device)
+
+
+def encode_split(
+    dataset: torch.utils.data.Dataset,
+    collate_fn: Callable[[list], dict[str, Any]],
+    lengths: Sequence[int],
+    encode: Callable[[dict[str, Any]], torch.Tensor],
+    writer,
+    batch_size: int,
+    device: torch.device,
+    precision,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    desc: str = "encode",
+) -> int:
+    """Encode this rank's share of `dataset` into `writer`, longest examples first.
+
+    Args:
+        dataset: eval dataset whose batches carry `index` (canonical positions).
+        collate_fn: its collate function.
+        lengths: per-example length used for sorting (tokens or boxes).
+        encode: batch (on device) -> (B, D) embeddings.
+        writer: `utils.search.indexes.EmbeddingShardWriter`.
+        batch_size: examples per batch.
+        device: compute device.
+        precision: `utils.precision.Precision` (its autocast is used).
+        rank: this rank; it takes every `world_size`-th example of the sorted order.
+        world_size: number of ranks.
+        num_workers: DataLoader workers.
+        desc: progress label.
+
+    Returns:
+        Number of examples this rank encoded.
+    """
+    from tqdm.auto import tqdm
+
+    # Stable sort: equal lengths keep canonical order, so runs are reproducible.
+    order = sorted(range(len(dataset)), key=lambda i: -lengths[i])[rank::world_size]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batches,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    done = 0
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc=desc, disable=rank != 0 or not sys.stderr.isatty()):
+            with precision.autocast():
+                emb = encode(to_device(batch, device))
+            writer.add(batch["index"], emb.float())
+            done += len(batch["index"])
+    return done
+
+
+def topk_lists(
+    queries: np.ndarray,
+    corpus: np.ndarray,
+    k: int,
+    index=None,
+    device: torch.device | None = None,
+    query_block: int = 65536,
+) -> list[list[tuple[int, float]]]:
+    """Per query, [(corpus row, score), ...] best first (at most min(k, N), never padded).
+
+    Exact search (`utils.search.topk.exact_topk`, on `device`) unless an approximate `index` over
+    `corpus` is given.
+    """
+    from utils.search.topk import exact_topk, results_to_lists
+
+    if index is None:
+        return results_to_lists(*exact_topk(queries, corpus, k, device=device))
+    lists: list[list[tuple[int, float]]] = []
+    # Query blocks keep a memory-mapped query side out of memory.
+    for start in range(0, queries.shape[0], query_block):
+        lists += results_to_lists(*index.search(np.asarray(queries[start : start + query_block], dtype=np.float32), k))
+    return lists
+
+
+def lists_by_id(lists: list[list[tuple[int, float]]], query_ids: Sequence[str], cand_ids: Sequence[str]) -> dict:
+    return {q: [[cand_ids[c], s] for c, s in row] for q, row in zip(query_ids, lists)}
