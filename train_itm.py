@@ -16,7 +16,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -57,7 +56,7 @@ from utils.engine.training import (
     prepare_output_dir,
 )
 from utils.errors import run_cli
-from utils.files import atomic_torch_save
+from utils.files import atomic_torch_save, atomic_write_json
 from utils.original_programs import LIGHTNINGDOT_TRAIN_ITM
 from utils.pipeline.evaluation import (
     EvalSplit,
@@ -306,9 +305,7 @@ def _finish(
         if env.is_main:
             payload = {"checkpoint": str(checkpoint), "step": best.step if best.step >= 0 else trainer.step,
                        "test_txt_db": cfg.data.test_txt_db, "test_img_db": cfg.data.test_img_db, **metrics}
-            tmp = out / f".{TEST_RESULTS}.tmp"
-            tmp.write_text(json.dumps(payload, indent=2))
-            os.replace(tmp, out / TEST_RESULTS)
+            atomic_write_json(out / TEST_RESULTS, payload, indent=2)
         logger.info("test: %s", json.dumps(metrics))
     return results
 

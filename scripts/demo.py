@@ -37,6 +37,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from utils.errors import run_cli
+from utils.files import atomic_write_json
 
 logger = logging.getLogger("demo")
 
@@ -92,9 +93,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    atomic_write_json(path, data, indent=2)
 
 
 class Demo:

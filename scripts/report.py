@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.errors import DataError, MissingPathError, run_cli
+from utils.files import atomic_write_text
 
 RESULT_FILES = ("recall.json", "rerank.json", "test_results.json", "summary.json")
 DEFAULT_TIMING = ("encode_s", "search_s", "rerank_s")
@@ -216,11 +216,7 @@ def main(argv: list[str] | None = None) -> str:
         timing_keys = [k for k in args.timing.split(",") if k]
     table = render_table(rows, timing_keys)
     if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-        tmp.write_text(table)
-        os.replace(tmp, out)
+        atomic_write_text(args.output, table)
     else:
         sys.stdout.write(table)
     return table

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import yaml
 
 from utils.errors import MissingPathError, UserError
+from utils.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -565,10 +566,7 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
 
 def save_config(config: RunConfig, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 
 def require_path(value: str | None, key: str, kind: str = "any") -> Path:

@@ -52,7 +52,7 @@ from utils.distributed import (
     wrap_model,
 )
 from utils.errors import DataError, UserError
-from utils.files import atomic_torch_save
+from utils.files import atomic_torch_save, atomic_write_text
 from utils.precision import Precision
 from utils.rng import capture_rng_state, derive_seed, restore_rng_state
 
@@ -355,7 +355,7 @@ def prepare_output_dir(
                     shutil.rmtree(path)
                 elif path.exists():
                     path.unlink()
-        for stale in list((out / STATE_DIR).glob(".*.tmp")) + list((out / CKPT_DIR).glob(".*.tmp")):
+        for stale in list((out / STATE_DIR).glob(".*.tmp*")) + list((out / CKPT_DIR).glob(".*.tmp*")):
             stale.unlink()
         (out / STATE_DIR).mkdir(exist_ok=True)
         (out / CKPT_DIR).mkdir(exist_ok=True)
@@ -406,9 +406,7 @@ class MetricsLogger:
             line for line in self.path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= resume_step
         ]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: Mapping[str, Any], split: str = "train") -> None:
         """Append one record; nested dicts are flattened with `/` (e.g. `text_to_image/R@1`)."""

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from utils.errors import DataError, MissingPathError
+from utils.files import atomic_output, atomic_write_json
 from utils.search.topk import MISSING_ID, ArrayLike, exact_topk
 
 logger = logging.getLogger(__name__)
@@ -53,10 +54,6 @@ def faiss_gpu_available() -> bool:
         return False
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
-
-def _atomic_target(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
 class DenseIndex(ABC):
@@ -168,12 +165,8 @@ class FaissIndex(DenseIndex):
         faiss = _import_faiss()
         path = Path(path)
         index = faiss.index_gpu_to_cpu(self._index) if self.on_gpu else self._index
-        tmp = _atomic_target(path)
-        try:
+        with atomic_output(path) as tmp:
             faiss.write_index(index, str(tmp))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 class FlatIndex(FaissIndex):
@@ -417,12 +410,8 @@ class EmbeddingShardWriter:
     def _write_shard(self, positions: np.ndarray, vectors: np.ndarray) -> None:
         name = f"{self.prefix}-{len(self._shards):05d}.npz"
         path = self.directory / name
-        tmp = _atomic_target(path).with_suffix(".npz")
-        try:
+        with atomic_output(path, suffix=".npz") as tmp:
             np.savez(tmp, positions=positions, embeddings=vectors)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         self._shards.append(name)
         self._total += positions.shape[0]
 
@@ -430,9 +419,7 @@ class EmbeddingShardWriter:
         """Write the last shard and the manifest; returns the manifest path."""
         self._flush(final=True)
         manifest = self.directory / f"{self.prefix}-manifest.json"
-        tmp = _atomic_target(manifest)
-        tmp.write_text(json.dumps({"dim": self.dim, "total": self._total, "shards": self._shards}))
-        os.replace(tmp, manifest)
+        atomic_write_json(manifest, {"dim": self.dim, "total": self._total, "shards": self._shards})
         return manifest
 
 
@@ -453,9 +440,8 @@ def merge_shards(manifest: str | os.PathLike, out_path: str | os.PathLike, num_r
     manifest = Path(manifest)
     meta = json.loads(manifest.read_text())
     out_path = Path(out_path)
-    tmp = _atomic_target(out_path).with_suffix(".npy")
     seen = np.zeros(num_rows, dtype=bool)
-    try:
+    with atomic_output(out_path, suffix=".npy") as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(num_rows, meta["dim"]))
         for name in meta["shards"]:
             with np.load(manifest.parent / name) as shard:
@@ -471,9 +457,6 @@ def merge_shards(manifest: str | os.PathLike, out_path: str | os.PathLike, num_r
             raise ValueError(f"{manifest}: {missing.size} of {num_rows} rows missing (first {missing[:5].tolist()})")
         out.flush()
         del out
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out_path
 
 
