@@ -17,7 +17,7 @@ Written to OUT, each file atomically, `info.json` last (its presence marks a com
   `img2txts.json`; `txt_emb.npy` (num_captions, D) float32, captions in `id2len.json` order
   after the `max_txt_len` filter;
 * `ids.json`: `{"img_ids": [...], "txt_ids": [...]}`, the row order of both arrays;
-* `img.index`, `txt.index`: faiss indexes (`retrieval.index_type`) of the image and caption
+* `img.index`, `txt.index`: faiss indexes (`retrieval.index`: type and parameters) of the image and caption
   embeddings; ids are row numbers of the arrays above;
 * `topk.json`: `{"text_to_image": {caption id: [[image name, score], ...]},
   "image_to_text": {image name: [[caption id, score], ...]}}`, keyed by the QUERY, at most
@@ -127,6 +127,7 @@ def run(config: RunConfig, checkpoint: str, out_dir: str | os.PathLike, precisio
         index_embeddings,
         merge_shards,
         remove_shards,
+        split_index_spec,
     )
     from utils.search.metrics import (
         fold_recall_from_embeddings,
@@ -137,6 +138,10 @@ def run(config: RunConfig, checkpoint: str, out_dir: str | os.PathLike, precisio
     t_start = time.perf_counter()
     timing: dict[str, float] = {}
     split = resolve_split(config)
+    try:
+        kind, index_params = split_index_spec(config.retrieval.index)
+    except ValueError as err:
+        raise ConfigError(f"retrieval.index: {err}") from None
     env = init_distributed(config.train.distributed, config.train.device)
     out = Path(out_dir)
     shard_dir = out / SHARD_DIR
@@ -201,9 +206,8 @@ def run(config: RunConfig, checkpoint: str, out_dir: str | os.PathLike, precisio
         atomic_write_json(out / IDS_FILE, {"img_ids": img_ids, "txt_ids": txt_ids})
 
         t0 = time.perf_counter()
-        kind = config.retrieval.index_type
-        img_index = index_embeddings(build_index(kind, dim), img_emb)
-        txt_index = index_embeddings(build_index(kind, dim), txt_emb)
+        img_index = index_embeddings(build_index(kind, dim, **index_params), img_emb)
+        txt_index = index_embeddings(build_index(kind, dim, **index_params), txt_emb)
         img_index.serialize(out / IMG_INDEX_FILE)
         txt_index.serialize(out / TXT_INDEX_FILE)
         timing["index_s"] = time.perf_counter() - t0

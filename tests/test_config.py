@@ -157,7 +157,7 @@ def test_original_aliases(tmp_path):
     cfg = load_config(path)
     assert cfg.train.val_batch_size == 8
     assert cfg.train.grad_norm == 1.5
-    assert cfg.retrieval.index_type == "hnsw"
+    assert cfg.retrieval.index == {"type": "hnsw"}
     assert cfg.train.precision == "fp32"
 
 

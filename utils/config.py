@@ -158,7 +158,9 @@ class RetrievalConfig:
     retrieval_mode: Literal["img_only", "txt_only", "both"] = "both"
     caption_score_weight: float = 0.0
     itm_global_file: str | None = None
-    index_type: Literal["flat", "hnsw", "ivfpq"] = "flat"
+    # `type` (flat | hnsw | ivfpq) and that type's parameters, e.g. {type: hnsw, m: 32,
+    # ef_search: 128}; checked against the index class by inference.py before any work.
+    index: dict[str, Any] = field(default_factory=lambda: {"type": "flat"})
     inf_minibatch_size: int = 0
     # Candidates saved per query in topk.json.
     top_k: int = 100
@@ -224,8 +226,12 @@ def _fp16_to_precision(value: Any) -> str:
     return "fp16" if value else "fp32"
 
 
-def _hnsw_to_index(value: Any) -> str:
-    return "hnsw" if value else "flat"
+def _hnsw_to_index(value: Any) -> dict[str, Any]:
+    return {"type": "hnsw" if value else "flat"}
+
+
+def _index_type(value: Any) -> dict[str, Any]:
+    return {"type": value}
 
 
 # Original spellings that map onto one of our fields, with a value conversion.
@@ -233,7 +239,9 @@ ALIASES: dict[str, tuple[str, str, Any]] = {
     "valid_batch_size": ("train", "val_batch_size", None),
     "max_grad_norm": ("train", "grad_norm", None),
     "fp16": ("train", "precision", _fp16_to_precision),
-    "hnsw_index": ("retrieval", "index_type", _hnsw_to_index),
+    "hnsw_index": ("retrieval", "index", _hnsw_to_index),
+    # Our earlier spelling of retrieval.index.type.
+    "index_type": ("retrieval", "index", _index_type),
 }
 
 
@@ -289,6 +297,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, str):
             raise ConfigError(f"{where}: expected one of {choices}, got {value!r}{_closest(value, [str(c) for c in choices])}")
         raise bad
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise bad
+        return dict(value)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, tuple):
@@ -340,7 +352,11 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
+    section = next((name for name, section_cls in SECTIONS.items() if section_cls is cls), None)
     for key, value in data.items():
+        if key in ALIASES and ALIASES[key][0] == section and key not in hints:
+            _, key, convert = ALIASES[key]
+            value = convert(value) if convert else value
         if key not in hints:
             raise ConfigError(f"{where}: unknown key {key!r}{_closest(key, names)}")
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
@@ -443,9 +459,20 @@ def _apply_override(nested: dict[str, Any], override: str, ignored: set[str]) ->
             raise ConfigError(
                 f"override {override!r}: unknown section {section!r}{_closest(section, list(SECTIONS))}"
             )
-        nested.setdefault(section, {})[name] = value
+        field_name, _, item = name.partition(".")
+        if item:
+            # A key of a mapping field, e.g. retrieval.index.ef_search=64.
+            nested.setdefault(section, {}).setdefault(field_name, {})[item] = value
+        else:
+            nested.setdefault(section, {})[name] = value
     else:
-        nested.update(_deep_merge(nested, _flat_to_nested({key: value}, f"override {override!r}", ignored)))
+        converted = _flat_to_nested({key: value}, f"override {override!r}", ignored)
+        if key in ALIASES:
+            # An alias sets its whole field (index_type=flat drops the HNSW parameters).
+            for section, fields in converted.items():
+                nested.setdefault(section, {}).update(fields)
+        else:
+            nested.update(_deep_merge(nested, converted))
 
 
 @dataclass(frozen=True)

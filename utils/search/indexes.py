@@ -16,12 +16,15 @@
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +35,6 @@ from utils.search.topk import MISSING_ID, ArrayLike, exact_topk
 
 logger = logging.getLogger(__name__)
 
-INDEX_TYPES = ("flat", "hnsw", "ivfpq")
 
 
 def _import_faiss():
@@ -169,6 +171,18 @@ class FaissIndex(DenseIndex):
             faiss.write_index(index, str(tmp))
 
 
+# Index types by name: `retrieval.index.type` of a config, `kind` of a class. A new index type
+# is a FaissIndex subclass with `kind`, `faiss_type` and `from_faiss`, decorated below.
+INDEX_CLASSES: dict[str, type[FaissIndex]] = {}
+
+
+def register_index(cls: type[FaissIndex]) -> type[FaissIndex]:
+    """Class decorator: make `cls` buildable by `build_index` and readable by `load_index`."""
+    INDEX_CLASSES[cls.kind] = cls
+    return cls
+
+
+@register_index
 class FlatIndex(FaissIndex):
     """Exact inner-product search (faiss IndexFlatIP storage).
 
@@ -177,10 +191,16 @@ class FlatIndex(FaissIndex):
     """
 
     kind = "flat"
+    faiss_type = "IndexFlatIP"
 
     def __init__(self, dim: int, use_gpu: bool | None = None, _index=None):
         faiss = _import_faiss()
         super().__init__(_index if _index is not None else faiss.IndexFlatIP(dim), dim, use_gpu)
+
+    @classmethod
+    def from_faiss(cls, raw, use_gpu: bool | None) -> FlatIndex:
+        """Wrap a faiss index read from disk."""
+        return cls(raw.d, use_gpu=use_gpu, _index=raw)
 
     def vectors(self) -> np.ndarray:
         """The stored (ntotal, dim) vectors: a view of a CPU index, a copy from a GPU one."""
@@ -198,10 +218,12 @@ class FlatIndex(FaissIndex):
         return super().search(queries, k)
 
 
+@register_index
 class HNSWIndex(FaissIndex):
     """Approximate search on an HNSW graph (CPU only in faiss), inner-product metric."""
 
     kind = "hnsw"
+    faiss_type = "IndexHNSWFlat"
     _gpu_capable = False
 
     def __init__(
@@ -214,12 +236,18 @@ class HNSWIndex(FaissIndex):
         _index.hnsw.efSearch = ef_search
         super().__init__(_index, dim, use_gpu=False)
 
+    @classmethod
+    def from_faiss(cls, raw, use_gpu: bool | None) -> HNSWIndex:
+        """Wrap a faiss index read from disk (HNSW stays on the CPU)."""
+        return cls(raw.d, ef_search=raw.hnsw.efSearch, _index=raw)
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         # efSearch below k would return fewer than k hits.
         self._index.hnsw.efSearch = max(self._index.hnsw.efSearch, k)
         return super().search(queries, k)
 
 
+@register_index
 class IVFPQIndex(FaissIndex):
     """Inverted lists over product-quantised codes (compressed, approximate).
 
@@ -228,6 +256,12 @@ class IVFPQIndex(FaissIndex):
     """
 
     kind = "ivfpq"
+    faiss_type = "IndexIVFPQ"
+
+    @classmethod
+    def from_faiss(cls, raw, use_gpu: bool | None) -> IVFPQIndex:
+        """Wrap a faiss index read from disk."""
+        return cls(raw.d, nprobe=raw.nprobe, use_gpu=use_gpu, _index=raw)
 
     def __init__(
         self,
@@ -301,12 +335,37 @@ class IVFPQIndex(FaissIndex):
         super().serialize(path)
 
 
+def index_parameters(kind: str) -> list[str]:
+    """The parameters an index type takes besides `dim` (its constructor's keywords)."""
+    if kind not in INDEX_CLASSES:
+        raise ValueError(f"index type must be one of {sorted(INDEX_CLASSES)}, got {kind!r}")
+    names = inspect.signature(INDEX_CLASSES[kind].__init__).parameters
+    return [n for n in names if n not in ("self", "dim") and not n.startswith("_")]
+
+
+def split_index_spec(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(type, parameters) of an index spec such as `{"type": "hnsw", "m": 32}`, checked.
+
+    Raises:
+        ValueError: an unknown type, or a parameter the type does not take (both named).
+    """
+    params = dict(spec)
+    kind = params.pop("type", "flat")
+    allowed = index_parameters(kind)
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(f"index type {kind!r} takes {allowed}, not {unknown}")
+    return kind, params
+
+
 def build_index(kind: str, dim: int, **params) -> DenseIndex:
-    """A new empty index of `kind` (flat | hnsw | ivfpq) with its optional parameters."""
-    classes = {"flat": FlatIndex, "hnsw": HNSWIndex, "ivfpq": IVFPQIndex}
-    if kind not in classes:
-        raise ValueError(f"index type must be one of {INDEX_TYPES}, got {kind!r}")
-    return classes[kind](dim, **params)
+    """A new empty index of `kind` (a name of `INDEX_CLASSES`) with its optional parameters.
+
+    Raises:
+        ValueError: an unknown type, or a parameter the type does not take (both named).
+    """
+    kind, params = split_index_spec({"type": kind, **params})
+    return INDEX_CLASSES[kind](dim, **params)
 
 
 def load_index(path: str | os.PathLike, use_gpu: bool | None = None) -> DenseIndex:
@@ -317,12 +376,9 @@ def load_index(path: str | os.PathLike, use_gpu: bool | None = None) -> DenseInd
         raise MissingPathError(f"index file {path} does not exist")
     raw = faiss.read_index(str(path))
     name = type(raw).__name__
-    if name == "IndexFlatIP":
-        return FlatIndex(raw.d, use_gpu=use_gpu, _index=raw)
-    if name == "IndexHNSWFlat":
-        return HNSWIndex(raw.d, ef_search=raw.hnsw.efSearch, _index=raw)
-    if name == "IndexIVFPQ":
-        return IVFPQIndex(raw.d, nprobe=raw.nprobe, use_gpu=use_gpu, _index=raw)
+    for cls in INDEX_CLASSES.values():
+        if cls.faiss_type == name:
+            return cls.from_faiss(raw, use_gpu)
     raise DataError(f"{path}: unsupported faiss index type {name}")
 
 
