@@ -1,6 +1,9 @@
 """The LightningDOT bi-encoder: a BERT text tower and a UNITER image tower (SPEC 3).
 
 Score = plain dot product of the two embeddings; no normalisation, no temperature.
+
+`BiEncoderConfig.execution` (`packed` by default, or `padded`; `model/packed.py`) selects
+how both towers run their encoders; the pre-training model follows its bi-encoder's.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from model.packed import DEFAULT_EXECUTION, VarlenLayout, check_execution
 from model.state_dicts import (
     drop_prefixes,
     load_strict,
@@ -52,6 +56,9 @@ class BiEncoderConfig:
         fix_img_encoder: freeze the image tower.
         img_dim: region feature size.
         attn_implementation: `sdpa` or `eager` (both towers).
+        execution: `packed` (real tokens only, [CLS]-only last layer) or `padded` (every
+            position of the batch): the same function, held equal by tests/test_packed.py.
+            Checkpoints written before this field existed load with the default.
     """
 
     txt_config: dict[str, Any]
@@ -63,8 +70,10 @@ class BiEncoderConfig:
     fix_img_encoder: bool = False
     img_dim: int = IMG_DIM
     attn_implementation: str = "sdpa"
+    execution: str = DEFAULT_EXECUTION
 
     def __post_init__(self) -> None:
+        check_execution(self.execution)
         if self.cls_concat == "":
             # The original configs spell "no combination" as an empty string.
             self.cls_concat = "none"
@@ -95,12 +104,24 @@ class BiEncoder(nn.Module):
         self.config = config
         txt_cfg = build_bert_config(config.txt_config, config.dropout, config.attn_implementation)
         img_cfg = build_bert_config(config.img_config, config.dropout, config.attn_implementation)
-        self.txt_model = TextTower(txt_cfg, config.project_dim)
-        self.img_model = ImageTower(img_cfg, config.project_dim, config.img_dim)
+        self.txt_model = TextTower(txt_cfg, config.project_dim, config.execution)
+        self.img_model = ImageTower(img_cfg, config.project_dim, config.img_dim, config.execution)
         self._txt_fixed = False
         self._img_fixed = False
         self.fix_txt_encoder(config.fix_txt_encoder)
         self.fix_img_encoder(config.fix_img_encoder)
+
+    @property
+    def execution(self) -> str:
+        """`packed` or `padded`: how both towers run (see `BiEncoderConfig.execution`)."""
+        return self.config.execution
+
+    @execution.setter
+    def execution(self, execution: str) -> None:
+        # The config is what checkpoints store; the towers dispatch on their own copy.
+        self.config.execution = check_execution(execution)
+        self.txt_model.execution = execution
+        self.img_model.execution = execution
 
     def fix_txt_encoder(self, fixed: bool = True) -> None:
         """Freeze (or unfreeze) the whole text tower, projection included."""
@@ -147,6 +168,41 @@ class BiEncoder(nn.Module):
         with self._grad_context(self._img_fixed):
             seq = self.img_model.hidden(img_feat, img_pos, img_mask, img_masked)
         return seq, seq[:, 0]
+
+    def text_cls_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, H) unprojected text [CLS] state, by `execution` (packed: [CLS]-only last layer)."""
+        with self._grad_context(self._txt_fixed):
+            return self.txt_model.cls_hidden(input_ids, attention_mask)
+
+    def image_cls_hidden(
+        self,
+        img_feat: torch.Tensor,
+        img_pos: torch.Tensor,
+        img_mask: torch.Tensor,
+        img_masked: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, H) unprojected image position-0 state, by `execution`."""
+        with self._grad_context(self._img_fixed):
+            return self.img_model.cls_hidden(img_feat, img_pos, img_mask, img_masked)
+
+    def text_hidden_packed(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, VarlenLayout]:
+        """(T, H) text states of the real tokens (packed) and their layout in the batch."""
+        with self._grad_context(self._txt_fixed):
+            return self.txt_model.hidden_packed(input_ids, attention_mask)
+
+    def image_hidden_packed(
+        self,
+        img_feat: torch.Tensor,
+        img_pos: torch.Tensor,
+        img_mask: torch.Tensor,
+        img_masked: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, VarlenLayout]:
+        """(T, H) image states of the [CLS] slot and real boxes (packed) and their layout
+        in the (B, 1 + N) sequence."""
+        with self._grad_context(self._img_fixed):
+            return self.img_model.hidden_packed(img_feat, img_pos, img_mask, img_masked)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, D) text embeddings: projected last-layer [CLS] hidden state."""
@@ -212,6 +268,7 @@ def build_biencoder(
     fix_txt_encoder: bool = False,
     fix_img_encoder: bool = False,
     attn_implementation: str = "sdpa",
+    execution: str = DEFAULT_EXECUTION,
 ) -> BiEncoder:
     """Build a bi-encoder from local config paths.
 
@@ -227,6 +284,7 @@ def build_biencoder(
         fix_txt_encoder: freeze the text tower.
         fix_img_encoder: freeze the image tower.
         attn_implementation: `sdpa` or `eager`.
+        execution: `packed` or `padded` (see `BiEncoderConfig.execution`).
 
     Raises:
         FileNotFoundError: a config path does not exist (hub names included).
@@ -240,6 +298,7 @@ def build_biencoder(
         fix_txt_encoder=fix_txt_encoder,
         fix_img_encoder=fix_img_encoder,
         attn_implementation=attn_implementation,
+        execution=execution,
     )
     model = BiEncoder(config)
     weights = hf_weights_file(txt_model_config)

@@ -8,6 +8,10 @@ the original re-ties `rank_output` to row 1 of `itm_output` at load and inferenc
 fine-tuning the two share storage, so row 1 of `itm_output` is the one true parameter. We
 score with that row directly and keep `rank_output` as a frozen mirror (re-tied by
 `tie_rank_output`) only so that state dicts keep the original layout.
+
+`CrossEncoderConfig.execution` (`packed` by default, or `padded`; `model/packed.py`)
+selects how `score` runs UNITER: packed drops the caption padding between text and regions
+and runs the last layer for the [CLS] row alone (the score reads nothing else).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.losses import hinge_ranking_loss, softmax_ranking_loss
+from model.packed import DEFAULT_EXECUTION, check_execution, packable
 from model.towers import (
     IMG_DIM,
     UniterModel,
@@ -43,6 +48,8 @@ class CrossEncoderConfig:
         rank_loss: `hinge` (UNITER's triplet loss on sigmoid scores) or `softmax`.
         margin: hinge margin.
         attn_implementation: `sdpa` or `eager`.
+        execution: `packed` or `padded`: the same scores, held equal by tests/test_packed.py.
+            Checkpoints written before this field existed load with the default.
     """
 
     bert_config: dict[str, Any]
@@ -51,8 +58,10 @@ class CrossEncoderConfig:
     rank_loss: str = "hinge"
     margin: float = 0.2
     attn_implementation: str = "sdpa"
+    execution: str = DEFAULT_EXECUTION
 
     def __post_init__(self) -> None:
+        check_execution(self.execution)
         if self.rank_loss not in RANK_LOSSES:
             raise ValueError(f"rank_loss must be one of {RANK_LOSSES}, got {self.rank_loss!r}")
 
@@ -83,6 +92,15 @@ class UniterCrossEncoder(nn.Module):
         self.rank_output.requires_grad_(False)
         self.tie_rank_output()
 
+    @property
+    def execution(self) -> str:
+        """`packed` or `padded`: how `score` runs UNITER (see `CrossEncoderConfig.execution`)."""
+        return self.config.execution
+
+    @execution.setter
+    def execution(self, execution: str) -> None:
+        self.config.execution = check_execution(execution)
+
     @torch.no_grad()
     def tie_rank_output(self) -> None:
         """Copy row 1 of `itm_output` into `rank_output` (call after changing `itm_output`)."""
@@ -106,8 +124,12 @@ class UniterCrossEncoder(nn.Module):
             img_pos: (B, N, 7) box features.
             img_mask: (B, N) 1 for real regions.
         """
-        hidden = self.uniter(input_ids, attention_mask, img_feat, img_pos, img_mask)
-        pooled = self.uniter.pooler(hidden)
+        if self.config.execution == "packed" and packable(attention_mask):
+            cls = self.uniter.cls_packed(input_ids, attention_mask, img_feat, img_pos, img_mask)
+            pooled = self.uniter.pooler(cls.unsqueeze(1))
+        else:
+            hidden = self.uniter(input_ids, attention_mask, img_feat, img_pos, img_mask)
+            pooled = self.uniter.pooler(hidden)
         return F.linear(pooled, self.itm_output.weight[1:], self.itm_output.bias[1:]).squeeze(-1)
 
     @torch.no_grad()
@@ -181,6 +203,7 @@ def build_cross_encoder(
     rank_loss: str = "hinge",
     margin: float = 0.2,
     attn_implementation: str = "sdpa",
+    execution: str = DEFAULT_EXECUTION,
 ) -> UniterCrossEncoder:
     """A randomly initialised cross-encoder from a UNITER config JSON (weights: checkpoint.py).
 
@@ -190,6 +213,7 @@ def build_cross_encoder(
         rank_loss: `hinge` or `softmax`.
         margin: hinge margin.
         attn_implementation: `sdpa` or `eager`.
+        execution: `packed` or `padded` (see `CrossEncoderConfig.execution`).
     """
     config = CrossEncoderConfig(
         bert_config=read_bert_config(model_config, "model_config"),
@@ -197,5 +221,6 @@ def build_cross_encoder(
         rank_loss=rank_loss,
         margin=margin,
         attn_implementation=attn_implementation,
+        execution=execution,
     )
     return UniterCrossEncoder(config)

@@ -3,6 +3,10 @@
 Attribute names reproduce the original `model_step_N.pt` keys: `bert` (the bi-encoder),
 `cls.predictions.*`, `feat_regress.*`, `region_classifier.*`. The original's `itm_output`
 head is never used and does not exist here (the checkpoint importer drops it).
+
+`PretrainModel.execution` is its bi-encoder's (`BiEncoderConfig.execution`, saved in
+checkpoints): `packed` runs both towers on real tokens only (VMLM decodes the masked packed
+text rows, SMRM the masked packed region rows), `padded` every position of the batch.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
 from model.biencoder import BiEncoder
 from model.losses import contrastive_loss, mlm_loss, mrckl_loss, mrfr_loss
+from model.packed import packable
 from model.towers import build_bert_config
 
 # Visual Genome 1600 object classes + background (SPEC 2 soft_labels).
@@ -100,6 +105,11 @@ def combine_cls(seq: torch.Tensor, other_cls: torch.Tensor, mode: str) -> torch.
     raise ValueError(f"unknown cls_concat mode {mode!r}")
 
 
+def _combine_rows(rows: torch.Tensor, other_cls: torch.Tensor, mode: str) -> torch.Tensor:
+    """`combine_cls` for packed rows: row i gets `other_cls[i]` (its sequence's [CLS])."""
+    return combine_cls(rows.unsqueeze(1), other_cls, mode).squeeze(1)
+
+
 class PretrainModel(nn.Module):
     """The bi-encoder `bert` plus the VMLM / MRFR / MRC-kl heads, trained one task per batch.
 
@@ -150,6 +160,18 @@ class PretrainModel(nn.Module):
         )
         self.region_classifier = RegionClassification(head_cfg.hidden_size, img_label_dim)
 
+    @property
+    def execution(self) -> str:
+        """`packed` or `padded`: the bi-encoder's `execution`, used by every task."""
+        return self.bert.execution
+
+    @execution.setter
+    def execution(self, execution: str) -> None:
+        self.bert.execution = execution
+
+    def _packed(self, txt_mask: torch.Tensor) -> bool:
+        return self.bert.execution == "packed" and packable(txt_mask)
+
     def forward(self, batch: Mapping[str, Any], task: str) -> dict[str, torch.Tensor]:
         """Loss (and metric counts) of one task on one batch.
 
@@ -197,13 +219,23 @@ class PretrainModel(nn.Module):
         """VMLM: text states + the image tower's [CLS] hidden state -> masked token ids."""
         txt, img = batch["txt"], batch["img"]
         labels = batch["txt_labels"]
-        txt_seq, _ = self.bert.text_hidden(txt["input_ids"], txt["attention_mask"])
-        _, img_cls = self.bert.image_hidden(img["img_feat"], img["img_pos"], img["img_mask"])
-        seq = combine_cls(txt_seq, img_cls, self.cls_concat)
-        masked = labels != -100
+        if self._packed(txt["attention_mask"]):
+            txt_rows, layout = self.bert.text_hidden_packed(txt["input_ids"], txt["attention_mask"])
+            img_cls = self.bert.image_cls_hidden(img["img_feat"], img["img_pos"], img["img_mask"])
+            # Packed rows keep the row-major order of the padded batch: selecting the masked
+            # ones gives `seq[masked]` of the padded path, in the same order.
+            packed_labels = labels.flatten()[layout.flat_index]
+            rows = (packed_labels != -100).nonzero().squeeze(1)
+            hidden = _combine_rows(txt_rows[rows], img_cls[layout.batch_index[rows]], self.cls_concat)
+            targets = packed_labels[rows]
+        else:
+            txt_seq, _ = self.bert.text_hidden(txt["input_ids"], txt["attention_mask"])
+            _, img_cls = self.bert.image_hidden(img["img_feat"], img["img_pos"], img["img_mask"])
+            seq = combine_cls(txt_seq, img_cls, self.cls_concat)
+            masked = labels != -100
+            hidden, targets = seq[masked], labels[masked]
         # Decode only the masked positions: the vocabulary projection dominates the cost.
-        logits = self.cls(seq[masked])
-        targets = labels[masked]
+        logits = self.cls(hidden)
         return {
             "loss": mlm_loss(logits, targets),
             "n_correct": (logits.argmax(dim=-1) == targets).sum().detach(),
@@ -214,6 +246,15 @@ class PretrainModel(nn.Module):
         """(M, H) SMRM states of the masked regions, in `img_masked.nonzero()` order."""
         txt, img = batch["txt"], batch["img"]
         img_masked = img["img_masked"]
+        if self._packed(txt["attention_mask"]):
+            txt_cls = self.bert.text_cls_hidden(txt["input_ids"], txt["attention_mask"])
+            img_rows, layout = self.bert.image_hidden_packed(
+                img["img_feat"], img["img_pos"], img["img_mask"], img_masked
+            )
+            # Column 0 of the tower's sequence is the [CLS] slot; img_masked covers the regions.
+            slot_masked = F.pad(img_masked.bool(), (1, 0)).flatten()[layout.flat_index]
+            rows = slot_masked.nonzero().squeeze(1)
+            return _combine_rows(img_rows[rows], txt_cls[layout.batch_index[rows]], self.cls_concat)
         _, txt_cls = self.bert.text_hidden(txt["input_ids"], txt["attention_mask"])
         img_seq, _ = self.bert.image_hidden(
             img["img_feat"], img["img_pos"], img["img_mask"], img_masked

@@ -7,6 +7,9 @@
 * `ImageTower`: `UniterModel` + the position-0 hidden state.
 * `encode_proj`: the optional projection head of either tower.
 
+Both towers take `execution` (`padded` | `packed`, `model/packed.py`): `packed` runs the
+encoder on the real tokens only, with a [CLS]-only last layer; same function, less work.
+
 Module attribute names reproduce the original state-dict keys (SPEC 4), so original
 checkpoints load without renaming.
 """
@@ -28,6 +31,14 @@ from transformers.models.bert.modeling_bert import (
     BertPooler,
 )
 
+from model.packed import (
+    DEFAULT_EXECUTION,
+    VarlenLayout,
+    check_execution,
+    encoder_cls_packed,
+    encoder_packed,
+    packable,
+)
 from utils.errors import DataError, MissingPathError
 
 try:
@@ -250,6 +261,25 @@ class UniterModel(nn.Module):
         self.pooler = BertPooler(config)
         init_bert_weights(self, config.initializer_range)
 
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        img_feat: torch.Tensor,
+        img_pos: torch.Tensor,
+        img_mask: torch.Tensor,
+        img_masked: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's input: (B, L + N, H) embeddings (text, then regions) and their
+        (B, L + N) 0/1 mask. Arguments as `forward`."""
+        txt_emb = self.embeddings(input_ids=input_ids)
+        img_type_ids = torch.ones(img_feat.shape[:2], dtype=torch.long, device=img_feat.device)
+        img_type = self.embeddings.token_type_embeddings(img_type_ids)
+        img_emb = self.img_embeddings(img_feat, img_pos, img_type, img_masked)
+        hidden = torch.cat([txt_emb, img_emb.to(txt_emb.dtype)], dim=1)
+        mask = torch.cat([attention_mask.to(img_mask.dtype), img_mask], dim=1)
+        return hidden, mask
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -259,7 +289,7 @@ class UniterModel(nn.Module):
         img_mask: torch.Tensor,
         img_masked: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Encode text + regions.
+        """Encode text + regions (padded execution: every position of the batch).
 
         Args:
             input_ids: (B, L) token ids.
@@ -272,21 +302,60 @@ class UniterModel(nn.Module):
         Returns:
             (B, L + N, H) last-layer hidden states.
         """
-        txt_emb = self.embeddings(input_ids=input_ids)
-        img_type_ids = torch.ones(img_feat.shape[:2], dtype=torch.long, device=img_feat.device)
-        img_type = self.embeddings.token_type_embeddings(img_type_ids)
-        img_emb = self.img_embeddings(img_feat, img_pos, img_type, img_masked)
-        hidden = torch.cat([txt_emb, img_emb.to(txt_emb.dtype)], dim=1)
-        mask = torch.cat([attention_mask.to(img_mask.dtype), img_mask], dim=1)
+        hidden, mask = self.embed(input_ids, attention_mask, img_feat, img_pos, img_mask, img_masked)
         bias = attention_bias(self.config, hidden, mask)
         return self.encoder(hidden, attention_mask=bias).last_hidden_state
+
+    def forward_packed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        img_feat: torch.Tensor,
+        img_pos: torch.Tensor,
+        img_mask: torch.Tensor,
+        img_masked: torch.Tensor | None = None,
+        cls_only_last: bool = False,
+    ) -> tuple[torch.Tensor, VarlenLayout]:
+        """Encode the real tokens only (packed execution, `model/packed.py`).
+
+        Position 0 of every row must be real. Arguments as `forward`.
+
+        Returns:
+            (T, H) last-layer states of the real tokens, row after row ((B, H) position-0
+            states with `cls_only_last`), and their layout in the (B, L + N) batch.
+        """
+        hidden, mask = self.embed(input_ids, attention_mask, img_feat, img_pos, img_mask, img_masked)
+        return encoder_packed(self.encoder, hidden, mask, cls_only_last)
+
+    def cls_packed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        img_feat: torch.Tensor,
+        img_pos: torch.Tensor,
+        img_mask: torch.Tensor,
+        img_masked: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, H) last-layer state at position 0, packed with a [CLS]-only last layer.
+
+        Same function as `forward(...)[:, 0]`; position 0 of every row must be real.
+        """
+        hidden, mask = self.embed(input_ids, attention_mask, img_feat, img_pos, img_mask, img_masked)
+        return encoder_cls_packed(self.encoder, hidden, mask)
 
 
 class _ProjectedTower(nn.Module):
     """A `bert` body whose position-0 hidden state, optionally through `encode_proj`, is the
-    tower's embedding. Subclasses build `bert`, then call `_add_projection`."""
+    tower's embedding. Subclasses build `bert`, then call `_add_projection`.
+
+    `execution` (`padded` | `packed`) selects how `forward` / `cls_hidden` run the encoder;
+    both compute the same function. `hidden` always returns the padded (B, L, H) states.
+    """
 
     bert: nn.Module
+
+    def _set_execution(self, execution: str) -> None:
+        self.execution = check_execution(execution)
 
     def _add_projection(self, config: BertConfig, project_dim: int) -> None:
         self.encode_proj = make_encode_proj(config.hidden_size, project_dim) if project_dim > 0 else None
@@ -308,28 +377,59 @@ class _ProjectedTower(nn.Module):
 class TextTower(_ProjectedTower):
     """BERT text encoder: `bert` (HF BertModel, pooler included) + optional `encode_proj`."""
 
-    def __init__(self, config: BertConfig, project_dim: int = 0) -> None:
+    def __init__(self, config: BertConfig, project_dim: int = 0, execution: str = DEFAULT_EXECUTION) -> None:
         super().__init__()
         self.bert = BertModel(config)
         self._add_projection(config, project_dim)
+        self._set_execution(execution)
 
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L, H) last-layer hidden states (token type 0, positions 0..L-1)."""
         out = self.bert(input_ids=input_ids, attention_mask=attention_mask)
         return out.last_hidden_state
 
+    def hidden_packed(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cls_only_last: bool = False
+    ) -> tuple[torch.Tensor, VarlenLayout]:
+        """(T, H) last-layer states of the real tokens (packed; see `encoder_packed`) and
+        their layout; position 0 of every row must be real."""
+        embeddings = self.bert.embeddings(input_ids=input_ids)
+        return encoder_packed(self.bert.encoder, embeddings, attention_mask, cls_only_last)
+
+    def cls_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, H) unprojected last-layer [CLS] state, by the tower's `execution`."""
+        if self.execution == "packed" and packable(attention_mask):
+            hidden, _ = self.hidden_packed(input_ids, attention_mask, cls_only_last=True)
+            return hidden
+        return self.hidden(input_ids, attention_mask)[:, 0]
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, D) embedding: projected last-layer [CLS] hidden state (not the pooler)."""
-        return self.project(self.hidden(input_ids, attention_mask)[:, 0])
+        return self.project(self.cls_hidden(input_ids, attention_mask))
 
 
 class ImageTower(_ProjectedTower):
     """UNITER image encoder: `bert` (UniterModel) + optional `encode_proj`."""
 
-    def __init__(self, config: BertConfig, project_dim: int = 0, img_dim: int = IMG_DIM) -> None:
+    def __init__(
+        self,
+        config: BertConfig,
+        project_dim: int = 0,
+        img_dim: int = IMG_DIM,
+        execution: str = DEFAULT_EXECUTION,
+    ) -> None:
         super().__init__()
         self.bert = UniterModel(config, img_dim)
         self._add_projection(config, project_dim)
+        self._set_execution(execution)
+
+    @staticmethod
+    def _cls_slot(img_feat: torch.Tensor, img_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 1) [CLS] ids and (B, 1) mask of the text slot in front of the boxes."""
+        batch = img_feat.shape[0]
+        cls_ids = torch.full((batch, 1), CLS_TOKEN_ID, dtype=torch.long, device=img_feat.device)
+        cls_mask = torch.ones((batch, 1), dtype=img_mask.dtype, device=img_mask.device)
+        return cls_ids, cls_mask
 
     def hidden(
         self,
@@ -339,10 +439,36 @@ class ImageTower(_ProjectedTower):
         img_masked: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, 1 + N, H) last-layer hidden states; position 0 is the [CLS] slot."""
-        batch = img_feat.shape[0]
-        cls_ids = torch.full((batch, 1), CLS_TOKEN_ID, dtype=torch.long, device=img_feat.device)
-        cls_mask = torch.ones((batch, 1), dtype=img_mask.dtype, device=img_mask.device)
+        cls_ids, cls_mask = self._cls_slot(img_feat, img_mask)
         return self.bert(cls_ids, cls_mask, img_feat, img_pos, img_mask, img_masked)
+
+    def hidden_packed(
+        self,
+        img_feat: torch.Tensor,
+        img_pos: torch.Tensor,
+        img_mask: torch.Tensor,
+        img_masked: torch.Tensor | None = None,
+        cls_only_last: bool = False,
+    ) -> tuple[torch.Tensor, VarlenLayout]:
+        """(T, H) last-layer states of the [CLS] slot and the real boxes (packed) and their
+        layout in the (B, 1 + N) sequence."""
+        cls_ids, cls_mask = self._cls_slot(img_feat, img_mask)
+        return self.bert.forward_packed(
+            cls_ids, cls_mask, img_feat, img_pos, img_mask, img_masked, cls_only_last
+        )
+
+    def cls_hidden(
+        self,
+        img_feat: torch.Tensor,
+        img_pos: torch.Tensor,
+        img_mask: torch.Tensor,
+        img_masked: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, H) unprojected last-layer state at position 0, by the tower's `execution`."""
+        if self.execution == "packed" and img_feat.shape[0] > 0:
+            hidden, _ = self.hidden_packed(img_feat, img_pos, img_mask, img_masked, cls_only_last=True)
+            return hidden
+        return self.hidden(img_feat, img_pos, img_mask, img_masked)[:, 0]
 
     def forward(
         self,
@@ -352,4 +478,4 @@ class ImageTower(_ProjectedTower):
         img_masked: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, D) embedding: projected last-layer hidden state at position 0."""
-        return self.project(self.hidden(img_feat, img_pos, img_mask, img_masked)[:, 0])
+        return self.project(self.cls_hidden(img_feat, img_pos, img_mask, img_masked))

@@ -6,10 +6,11 @@
 
 Every figure is measured twice in the same run: on the straightforward implementation
 (`transformers` BertModel with SDPA, bf16 autocast on CUDA, batches padded to their longest
-row, full score matrix + `torch.topk`, non-fused AdamW) and on the fast path
-(`utils/fast_encode.py` unpadded towers, `utils/fused_topk.py`, fused AdamW). Each fast path
-is also checked numerically against the plain path on the same inputs, and the check is in
-the table. Inputs and weights are random (shapes as in the paper); only the data-loader and
+row, full score matrix + `torch.topk`, non-fused AdamW) and on the fast path (`utils/search/topk.py`,
+fused AdamW). Model figures run the product code path through the public model API: the same
+model instance with `execution="padded"` (the "plain" rows) and with `execution="packed"`
+(the "fast" rows: the models' default, `model/packed.py`). Each fast path is also checked
+numerically against the plain path on the same inputs, and the check is in the table. Inputs and weights are random (shapes as in the paper); only the data-loader and
 end-to-end evaluation sections write a small synthetic LMDB (txt_db + img_db) to a temp dir.
 
 MFU counts the FLOPs the model needs on REAL tokens (padding excluded; the last layer of a
@@ -349,19 +350,21 @@ def _train_check(ctx: Context, model: torch.nn.Module, task: str, batch: dict[st
     """
     import copy
 
-    from utils.fast_encode import pretrain_forward_packed
+    from model.packed import use_execution
 
     model.eval()
     losses = []
     with torch.no_grad(), ctx.autocast():
-        losses.append(model(batch, task)["loss"].float())
-        losses.append(pretrain_forward_packed(model, batch, task)["loss"].float())
+        for execution in ("padded", "packed"):
+            with use_execution(model, execution):
+                losses.append(model(batch, task)["loss"].float())
     exact = copy.deepcopy(model).double()
     batch64 = _to_double(batch)
     grads = []
-    for fast in (False, True):
+    for execution in ("padded", "packed"):
         exact.zero_grad(set_to_none=True)
-        out = pretrain_forward_packed(exact, batch64, task) if fast else exact(batch64, task)
+        with use_execution(exact, execution):
+            out = exact(batch64, task)
         out["loss"].backward()
         grads.append(torch.cat([p.grad.flatten() for p in exact.parameters() if p.grad is not None]))
     loss_err, grad_err = rel_err(losses[1], losses[0]), rel_err(grads[1], grads[0])
@@ -372,10 +375,10 @@ def _train_check(ctx: Context, model: torch.nn.Module, task: str, batch: dict[st
 def _time_train_steps(ctx: Context, model: torch.nn.Module, task: str, batches: list[dict[str, Any]], fast: bool) -> dict[str, float]:
     """Time full training steps (forward, backward, clip, AdamW) rotating over `batches`.
 
-    The fast variant uses the packed forward and, on CUDA, fused AdamW; the plain one the
-    model's own forward and the for-loop AdamW.
+    Both call the model's own forward: the fast variant with `execution="packed"` and, on
+    CUDA, fused AdamW; the plain one with `execution="padded"` and the for-loop AdamW.
     """
-    from utils.fast_encode import pretrain_forward_packed
+    from model.packed import use_execution
 
     opt = make_optimizer(model, fused=fast and ctx.device.type == "cuda")
     counter = iter(range(10**12))
@@ -383,18 +386,19 @@ def _time_train_steps(ctx: Context, model: torch.nn.Module, task: str, batches: 
     def step() -> None:
         batch = batches[next(counter) % len(batches)]
         with ctx.autocast():
-            out = pretrain_forward_packed(model, batch, task) if fast else model(batch, task)
+            out = model(batch, task)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return time_fn(step, ctx.device, ctx.sizes.warmup, ctx.sizes.steps)
+    with use_execution(model, "packed" if fast else "padded"):
+        return time_fn(step, ctx.device, ctx.sizes.warmup, ctx.sizes.steps)
 
 
 def _train_rows(ctx: Context, task: str, section: str) -> None:
     """Plain vs fast training step of one task: samples/s, memory, MFU, numerical check."""
-    from utils.bench_batches import batch_to, task_batch
+    from utils.pipeline.bench_batches import batch_to, task_batch
 
     s = ctx.sizes
     rng = np.random.default_rng(ctx.seed)
@@ -421,7 +425,7 @@ def _train_rows(ctx: Context, task: str, section: str) -> None:
     mean_tokens = float(np.mean([float(b["txt"]["attention_mask"].sum()) / s.batch for b in batches]))
     for variant, sps, t, mem in (("plain", plain_sps, plain_t, plain_mem), ("fast", fast_sps, fast_t, fast_mem)):
         extra = {"step_ms": t["median_s"] * 1e3, "peak_mem_gib": mem, "achieved_tflops": flops_real / t["median_s"] / 1e12,
-                 "mean_caption_tokens": mean_tokens}
+                 "mean_caption_tokens": mean_tokens, "execution": "packed" if variant == "fast" else "padded"}
         if ctx.peak_flops:
             extra["mfu"] = flops_real / t["median_s"] / ctx.peak_flops
             if variant == "plain":
@@ -447,13 +451,9 @@ def section_pretrain(ctx: Context) -> None:
 
 
 def section_encode(ctx: Context) -> None:
-    """Caption and image encoding throughput (index building), plain vs fast, no grad."""
-    from utils.bench_batches import batch_to, retrieval_batch
-    from utils.fast_encode import (
-        FixedShapeEncoder,
-        encode_image_packed,
-        encode_text_packed,
-    )
+    """Caption and image encoding throughput (index building), padded vs packed, no grad."""
+    from model.packed import FixedShapeEncoder, use_execution
+    from utils.pipeline.bench_batches import batch_to, retrieval_batch
 
     s = ctx.sizes
     model = build_pretrain_model(ctx).bert.eval()
@@ -464,27 +464,28 @@ def section_encode(ctx: Context) -> None:
     boxes = img["img_mask"].sum(1).tolist()
 
     def plain_txt() -> torch.Tensor:
-        with torch.no_grad(), ctx.autocast():
+        with torch.no_grad(), ctx.autocast(), use_execution(model, "padded"):
             return model.encode_text(txt["input_ids"], txt["attention_mask"])
 
     def fast_txt() -> torch.Tensor:
-        with torch.no_grad(), ctx.autocast():
-            return encode_text_packed(model.txt_model, txt["input_ids"], txt["attention_mask"])
+        with torch.no_grad(), ctx.autocast(), use_execution(model, "packed"):
+            return model.encode_text(txt["input_ids"], txt["attention_mask"])
 
     def plain_img() -> torch.Tensor:
-        with torch.no_grad(), ctx.autocast():
+        with torch.no_grad(), ctx.autocast(), use_execution(model, "padded"):
             return model.encode_image(img["img_feat"], img["img_pos"], img["img_mask"])
 
     def fast_img() -> torch.Tensor:
-        with torch.no_grad(), ctx.autocast():
-            return encode_image_packed(model.img_model, img["img_feat"], img["img_pos"], img["img_mask"])
+        with torch.no_grad(), ctx.autocast(), use_execution(model, "packed"):
+            return model.encode_image(img["img_feat"], img["img_pos"], img["img_mask"])
 
     variants: list[tuple[str, Callable[[], torch.Tensor], Callable[[], torch.Tensor], float, int]] = [
         ("text", plain_txt, fast_txt, text_tower_flops(lengths, s), s.encode_txt_batch),
         ("image", plain_img, fast_img, image_tower_flops(boxes, s), s.encode_img_batch),
     ]
     if ctx.device.type == "cuda":
-        # Fixed 36-box batches: the plain image encoder replayed as one CUDA graph.
+        # Fixed 36-box batches: the padded image encoder replayed as one CUDA graph (capture
+        # needs fixed kernels; the packed path's token count depends on the data).
         graphed = FixedShapeEncoder(
             lambda f, p, m: plain_img_fn(model, ctx, f, p, m),
             shapes=[tuple(img["img_feat"].shape), tuple(img["img_pos"].shape), tuple(img["img_mask"].shape)],
@@ -513,8 +514,10 @@ def section_encode(ctx: Context) -> None:
 
 
 def plain_img_fn(model: torch.nn.Module, ctx: Context, feat: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The plain image encoder under the run's autocast (the body a CUDA graph records)."""
-    with ctx.autocast(cache_enabled=False):
+    """The padded image encoder under the run's autocast (the body a CUDA graph records)."""
+    from model.packed import use_execution
+
+    with ctx.autocast(cache_enabled=False), use_execution(model, "padded"):
         return model.encode_image(feat, pos, mask)
 
 
@@ -533,7 +536,7 @@ def _recall_vs(ref_idx: torch.Tensor, idx: torch.Tensor) -> float:
 
 def _triton_sweep(ctx: Context, q: torch.Tensor, keys: torch.Tensor) -> list[Any]:
     """Kernel configurations to time on a GPU: the default plus a small grid around it."""
-    from utils.fused_topk import TopKConfig, default_config
+    from utils.search.topk import TopKConfig, default_config
 
     base = default_config(q.shape[0], keys.shape[0], keys.shape[1], ctx.sizes.k, ctx.device)
     if not ctx.triton_configs:
@@ -552,13 +555,13 @@ def _triton_sweep(ctx: Context, q: torch.Tensor, keys: torch.Tensor) -> list[Any
 
 def section_search(ctx: Context) -> None:
     """Exact top-k over N keys: full matrix + topk (baseline), torch chunks, fused kernel."""
-    from utils.fused_topk import (
+    from utils.search.topk import (
+        exact_topk,
         fused_topk,
         resolve_backend,
         topk_dense,
         topk_triton,
     )
-    from utils.search import exact_topk
 
     s = ctx.sizes
     dtype = _search_dtype(ctx.device)
@@ -582,7 +585,7 @@ def section_search(ctx: Context) -> None:
                     ratio=base_ms / (t_mm["median_s"] * 1e3)))
         variants: list[tuple[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]]] = [
             ("torch chunked", lambda q=q: fused_topk(q, keys, s.k, backend="torch")),
-            ("utils.search.exact_topk", lambda q=q: exact_topk(q, keys, s.k)),
+            ("utils.search.topk.exact_topk", lambda q=q: exact_topk(q, keys, s.k)),
         ]
         if use_triton:
             for cfg in _triton_sweep(ctx, q, keys):
@@ -633,8 +636,8 @@ def clustered_vectors(n: int, dim: int, n_queries: int, seed: int) -> tuple[np.n
 
 def section_ann(ctx: Context) -> None:
     """faiss Flat / HNSW / IVF-PQ at N keys: build and search time, recall@k vs exact."""
-    from utils.fused_topk import fused_topk
-    from utils.search import build_index
+    from utils.search.indexes import build_index
+    from utils.search.topk import fused_topk
 
     s = ctx.sizes
     keys, queries = clustered_vectors(s.ann_n, s.search_dim, s.ann_queries, ctx.seed + 3)
@@ -664,10 +667,10 @@ def section_ann(ctx: Context) -> None:
 
 
 def section_cross(ctx: Context) -> None:
-    """Cross-encoder (UNITER) scoring throughput, plain vs packed."""
+    """Cross-encoder (UNITER) scoring throughput, padded vs packed execution."""
     from model.cross_encoder import CrossEncoderConfig, UniterCrossEncoder
-    from utils.bench_batches import batch_to, retrieval_batch
-    from utils.fast_encode import cross_encoder_score_packed
+    from model.packed import use_execution
+    from utils.pipeline.bench_batches import batch_to, retrieval_batch
 
     s = ctx.sizes
     torch.manual_seed(ctx.seed)
@@ -678,12 +681,12 @@ def section_cross(ctx: Context) -> None:
             batch["img"]["img_pos"], batch["img"]["img_mask"])
 
     def plain() -> torch.Tensor:
-        with torch.no_grad(), ctx.autocast():
+        with torch.no_grad(), ctx.autocast(), use_execution(model, "padded"):
             return model.score(*args)
 
     def fast() -> torch.Tensor:
-        with torch.no_grad(), ctx.autocast():
-            return cross_encoder_score_packed(model, *args)
+        with torch.no_grad(), ctx.autocast(), use_execution(model, "packed"):
+            return model.score(*args)
 
     err = rel_err(fast().float(), plain().float())
     check, ok = f"rel {err:.1e}", err <= ctx.rel_tol
@@ -703,7 +706,7 @@ def write_synthetic_dbs(root: str, n_images: int, captions_per_image: int, s: Si
     """A txt_db and a 36-box img_db (conf_th -1) of random content, in the real formats."""
     from data.img_db import ImgDbWriter
     from data.txt_db import TxtDbWriter
-    from utils.bench_batches import caption_lengths
+    from utils.pipeline.bench_batches import caption_lengths
 
     rng = np.random.default_rng(seed)
     txt_dir, img_dir = os.path.join(root, "txt_db"), os.path.join(root, "img_db")
@@ -769,9 +772,9 @@ def section_eval(ctx: Context) -> None:
     from data.datasets import collate_images, collate_text
     from data.img_db import ImgDb
     from data.txt_db import TxtDb
-    from utils.bench_batches import batch_to
-    from utils.fast_encode import encode_image_packed, encode_text_packed
-    from utils.metrics import recall_from_embeddings
+    from model.packed import use_execution
+    from utils.pipeline.bench_batches import batch_to
+    from utils.search.metrics import recall_from_embeddings
 
     s = ctx.sizes
     assert ctx.workdir is not None
@@ -786,7 +789,7 @@ def section_eval(ctx: Context) -> None:
         col = {n: i for i, n in enumerate(names)}
         txt2img = [col[txt_db.txt2img[t]] for t in txt_db.ids]
         img_embs, txt_embs = [], []
-        with torch.no_grad(), ctx.autocast():
+        with torch.no_grad(), ctx.autocast(), use_execution(model, "packed" if fast else "padded"):
             for start in range(0, len(names), s.encode_img_batch):
                 feats, poss = [], []
                 for name in names[start:start + s.encode_img_batch]:
@@ -794,18 +797,12 @@ def section_eval(ctx: Context) -> None:
                     feats.append(feat)
                     poss.append(pos)
                 img = batch_to(collate_images(feats, poss), ctx.device, non_blocking=True)
-                if fast:
-                    img_embs.append(encode_image_packed(model.img_model, img["img_feat"], img["img_pos"], img["img_mask"]))
-                else:
-                    img_embs.append(model.encode_image(img["img_feat"], img["img_pos"], img["img_mask"]))
+                img_embs.append(model.encode_image(img["img_feat"], img["img_pos"], img["img_mask"]))
             ids = txt_db.ids
             for start in range(0, len(ids), s.encode_txt_batch):
                 seqs = [torch.tensor([101, *txt_db.input_ids(t), 102]) for t in ids[start:start + s.encode_txt_batch]]
                 txt = batch_to(collate_text(seqs), ctx.device, non_blocking=True)
-                if fast:
-                    txt_embs.append(encode_text_packed(model.txt_model, txt["input_ids"], txt["attention_mask"]))
-                else:
-                    txt_embs.append(model.encode_text(txt["input_ids"], txt["attention_mask"]))
+                txt_embs.append(model.encode_text(txt["input_ids"], txt["attention_mask"]))
         txt_emb, img_emb = torch.cat(txt_embs).float(), torch.cat(img_embs).float()
         result = recall_from_embeddings(txt_emb, img_emb, txt2img, device=ctx.device)
         return {"recall": result, "txt_emb": txt_emb, "img_emb": img_emb}

@@ -1,30 +1,32 @@
-"""Fast paths for the two towers that compute the same function as the plain forward.
+"""Unpadded ("packed") execution of the BERT encoders: the `execution="packed"` code path.
 
-* Unpadded ("packed") encoding: a caption batch padded to 60 tokens holds about 14 real
-  tokens per row, so a padded BERT spends most of its GEMM time on padding. Here the real
-  tokens are gathered into one (T, H) matrix; every Linear / LayerNorm / GELU runs on T rows,
-  and attention runs either through flash variable-length attention (CUDA, half precision,
-  no attention dropout) or through SDPA on a re-padded (B, Lmax) view, which stays cheap
-  because captions are short.
-* [CLS]-only last layer: the embedding of both towers is the last layer's hidden state at
-  position 0, so the last layer needs keys and values for every token but queries, output
-  projection and feed-forward for the [CLS] row alone.
-* The same packing for the pre-training tasks (`pretrain_forward_packed`: VMLM decodes the
-  masked packed rows, SMRM the masked region rows) and for the UNITER cross-encoder
-  (`cross_encoder_score_packed`: caption padding between text and regions is dropped).
-* Fixed-shape encoding (`FixedShapeEncoder`): pads batches to a few fixed shapes with static
-  input buffers so a CUDA graph (or `torch.compile(mode="reduce-overhead")`) can replay them.
+The towers (`model/towers.py`), the cross-encoder (`model/cross_encoder.py`) and the
+pre-training model (`model/pretrain_heads.py`) take an `execution` option, `padded` or
+`packed`, like `attn_implementation`. Both compute the same function (held equal within 1e-5
+in fp32, outputs and gradients, by `tests/test_packed.py`); `packed` is faster:
 
-The functions reuse the towers' own modules (`model/towers.py`): no weight is copied, so
-they train, checkpoint and run under DDP like the plain path. Each is checked against the
-plain forward in `tests/test_fast_encode.py`.
+* A caption batch padded to 60 tokens holds about 14 real tokens per row, so a padded BERT
+  spends most of its GEMM time on padding. Here the real tokens are gathered into one (T, H)
+  matrix; every Linear / LayerNorm / GELU runs on T rows, and attention runs either through
+  flash variable-length attention (CUDA, half precision, SDPA, no attention dropout) or
+  through SDPA / eager attention on a re-padded (B, Lmax) view, cheap because captions are
+  short.
+* [CLS]-only last layer: the embedding of both towers (and the cross-encoder's score) is the
+  last layer's state at position 0, so the last layer needs keys and values for every token
+  but queries, output projection and feed-forward for the [CLS] row alone.
+
+Everything here runs the HF `BertEncoder`'s own layers: no weight is copied, so the packed
+path trains, checkpoints and runs under DDP like the padded one.
+
+`FixedShapeEncoder` (static buffers replayed as a CUDA graph) lives here too: it serves
+small-batch encoding with either execution.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,10 +34,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.cross_encoder import UniterCrossEncoder
-from model.losses import mlm_loss, mrckl_loss, mrfr_loss
-from model.pretrain_heads import TASKS, PretrainModel, combine_cls
-from model.towers import CLS_TOKEN_ID, ImageTower, TextTower, UniterModel
+EXECUTIONS = ("padded", "packed")
+# Packed is the default of every model: tests/test_packed.py holds it equal to the padded
+# path within 1e-5 in fp32 (forward outputs and gradients, dropout off) for the towers, the
+# cross-encoder and every pre-training task, and the reference tests pass on it.
+DEFAULT_EXECUTION = "packed"
+
+
+def check_execution(execution: str) -> str:
+    """`execution` if it is one of `EXECUTIONS`, else ValueError."""
+    if execution not in EXECUTIONS:
+        raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+    return execution
+
+
+@contextlib.contextmanager
+def use_execution(model: Any, execution: str) -> Iterator[Any]:
+    """Run `model` (anything with a settable `execution`) with `execution` inside the block,
+    restoring its own afterwards: the benchmark's way to time both paths on one instance."""
+    previous = model.execution
+    model.execution = check_execution(execution)
+    try:
+        yield model
+    finally:
+        model.execution = previous
 
 
 @dataclass(frozen=True)
@@ -62,6 +84,13 @@ class VarlenLayout:
     def first_token(self) -> torch.Tensor:
         """(B,) packed position of each row's first real token (the [CLS] slot)."""
         return self.cu_seqlens[:-1].long()
+
+
+def packable(mask: torch.Tensor) -> bool:
+    """Whether the packed path applies to this (B, L) mask: B > 0 and position 0 is real in
+    every row (the packed path reads the [CLS] slot from the first real token). Callers fall
+    back to the padded path otherwise, which computes the same function."""
+    return mask.dim() == 2 and mask.shape[0] > 0 and mask.shape[1] > 0 and bool(mask[:, 0].bool().all())
 
 
 def varlen_layout(mask: torch.Tensor) -> VarlenLayout:
@@ -113,7 +142,7 @@ def _flash_varlen() -> Callable[..., torch.Tensor] | None:
 
 
 def _repad(x: torch.Tensor, layout: VarlenLayout) -> torch.Tensor:
-    """(T, heads, dim) packed -> (B, heads, Lmax, dim) zero-padded, for SDPA."""
+    """(T, heads, dim) packed -> (B, heads, Lmax, dim) zero-padded."""
     padded = x.new_zeros((layout.batch_size, layout.max_len, *x.shape[1:]))
     padded = padded.index_put((layout.batch_index, layout.pos_index), x)
     return padded.transpose(1, 2)
@@ -128,6 +157,7 @@ def varlen_attention(
     dropout_p: float = 0.0,
     scale: float | None = None,
     use_flash: bool = True,
+    implementation: str = "sdpa",
 ) -> torch.Tensor:
     """Bidirectional attention of packed sequences: each row attends only to its own keys.
 
@@ -140,12 +170,14 @@ def varlen_attention(
         dropout_p: attention-probability dropout (training).
         scale: softmax scale; 1/sqrt(dim) when None.
         use_flash: allow flash variable-length attention where it applies (CUDA, fp16/bf16,
-            no dropout); otherwise SDPA runs on a re-padded view.
+            SDPA, no dropout); otherwise attention runs on a re-padded view.
+        implementation: `sdpa` (F.scaled_dot_product_attention) or `eager` (explicit
+            softmax(QK^T) V, as HF's eager attention), the model's `attn_implementation`.
 
     Returns:
         (Tq, heads, dim) attention output, packed like the queries.
     """
-    flash = _flash_varlen() if use_flash else None
+    flash = _flash_varlen() if use_flash and implementation == "sdpa" else None
     if (
         flash is not None
         and query.is_cuda
@@ -165,7 +197,7 @@ def varlen_attention(
             )
         except (TypeError, RuntimeError) as err:
             # An older / different varlen API, or a GPU its kernels do not support: the
-            # re-padded SDPA below computes the same function. `warnings` shows this once.
+            # re-padded attention below computes the same function. `warnings` shows this once.
             warnings.warn(f"flash varlen attention unavailable ({err}); using padded SDPA", stacklevel=2)
     q = _repad(query, q_layout)
     k = _repad(key, k_layout)
@@ -173,9 +205,15 @@ def varlen_attention(
     key_real = torch.zeros(
         (k_layout.batch_size, k_layout.max_len), dtype=torch.bool, device=key.device
     ).index_put((k_layout.batch_index, k_layout.pos_index), torch.ones_like(k_layout.pos_index, dtype=torch.bool))
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=key_real[:, None, None, :], dropout_p=dropout_p, scale=scale
-    )
+    key_real = key_real[:, None, None, :]
+    if implementation == "eager":
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~key_real, torch.finfo(scores.dtype).min)
+        probs = F.dropout(torch.softmax(scores, dim=-1), p=dropout_p, training=dropout_p > 0.0)
+        out = torch.matmul(probs, v)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_real, dropout_p=dropout_p, scale=scale)
     return out.transpose(1, 2)[q_layout.batch_index, q_layout.pos_index]
 
 
@@ -196,11 +234,13 @@ def _bert_layer_packed(
     else:
         query_in = hidden
         q_layout = layout
+    implementation = getattr(attn.config, "_attn_implementation", None) or "sdpa"
     query = attn.query(query_in).view(query_in.shape[0], heads, head_dim)
     key = attn.key(hidden).view(hidden.shape[0], heads, head_dim)
     value = attn.value(hidden).view(hidden.shape[0], heads, head_dim)
     context = varlen_attention(
-        query, key, value, q_layout, layout, dropout_p, attn.scaling, use_flash
+        query, key, value, q_layout, layout, dropout_p, attn.scaling, use_flash,
+        "eager" if implementation == "eager" else "sdpa",
     )
     attn_out = layer.attention.output(context.reshape(query_in.shape[0], -1), query_in)
     return layer.output(layer.intermediate(attn_out), attn_out)
@@ -224,7 +264,9 @@ def encoder_packed(
 
     Returns:
         The last-layer states, (T, H) packed row after row (or (B, H) [CLS] rows with
-        `cls_only_last`), and the layout that maps packed rows back to the batch.
+        `cls_only_last`), and the layout that maps packed rows back to the batch. Packed
+        rows keep the row-major order of the padded batch, so selecting rows of the packed
+        states by a (B, L) mask flattened through `layout.flat_index` gives `seq[mask]`.
     """
     layout = varlen_layout(mask)
     hidden = embeddings.reshape(-1, embeddings.shape[-1])[layout.flat_index]
@@ -253,216 +295,7 @@ def encoder_cls_packed(
     return hidden if cls_only_last else hidden[layout.first_token]
 
 
-def _trainable_context(module: nn.Module) -> contextlib.AbstractContextManager:
-    # A frozen tower (fix_txt_encoder / fix_img_encoder) needs no graph, as in BiEncoder.
-    if any(p.requires_grad for p in module.parameters()):
-        return contextlib.nullcontext()
-    return torch.no_grad()
-
-
-def text_cls_packed(
-    tower: TextTower,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    cls_only_last: bool = True,
-    use_flash: bool = True,
-) -> torch.Tensor:
-    """(B, H) unprojected [CLS] hidden state of the text tower, computed on real tokens only.
-
-    Same function as `tower.hidden(input_ids, attention_mask)[:, 0]`.
-    """
-    with _trainable_context(tower):
-        bert = tower.bert
-        embeddings = bert.embeddings(input_ids=input_ids)
-        return encoder_cls_packed(bert.encoder, embeddings, attention_mask, cls_only_last, use_flash)
-
-
-def encode_text_packed(
-    tower: TextTower,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    cls_only_last: bool = True,
-    use_flash: bool = True,
-) -> torch.Tensor:
-    """(B, D) text embeddings; same function as `tower(input_ids, attention_mask)`."""
-    with _trainable_context(tower):
-        cls = text_cls_packed(tower, input_ids, attention_mask, cls_only_last, use_flash)
-        return tower.project(cls)
-
-
-def uniter_embeddings(
-    uniter: UniterModel,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    img_feat: torch.Tensor,
-    img_pos: torch.Tensor,
-    img_mask: torch.Tensor,
-    img_masked: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """UNITER's input sequence (text tokens, then regions) and its (B, L + N) mask.
-
-    Mirrors `UniterModel.forward` up to the encoder (SPEC 3, 4); the tests hold the fast
-    paths built on it equal to the plain forward, so a drift shows there.
-    """
-    txt_emb = uniter.embeddings(input_ids=input_ids)
-    img_type_ids = torch.ones(img_feat.shape[:2], dtype=torch.long, device=img_feat.device)
-    img_type = uniter.embeddings.token_type_embeddings(img_type_ids)
-    img_emb = uniter.img_embeddings(img_feat, img_pos, img_type, img_masked)
-    hidden = torch.cat([txt_emb, img_emb.to(txt_emb.dtype)], dim=1)
-    mask = torch.cat([attention_mask.to(img_mask.dtype), img_mask], dim=1)
-    return hidden, mask
-
-
-def image_embeddings(
-    tower: ImageTower,
-    img_feat: torch.Tensor,
-    img_pos: torch.Tensor,
-    img_mask: torch.Tensor,
-    img_masked: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The image tower's input sequence `[t_cls, box_1 .. box_n]` and its (B, 1 + n) mask."""
-    batch = img_feat.shape[0]
-    cls_ids = torch.full((batch, 1), CLS_TOKEN_ID, dtype=torch.long, device=img_feat.device)
-    cls_mask = torch.ones((batch, 1), dtype=img_mask.dtype, device=img_mask.device)
-    return uniter_embeddings(tower.bert, cls_ids, cls_mask, img_feat, img_pos, img_mask, img_masked)
-
-
-def image_cls_packed(
-    tower: ImageTower,
-    img_feat: torch.Tensor,
-    img_pos: torch.Tensor,
-    img_mask: torch.Tensor,
-    img_masked: torch.Tensor | None = None,
-    cls_only_last: bool = True,
-    use_flash: bool = True,
-) -> torch.Tensor:
-    """(B, H) unprojected position-0 hidden state of the image tower, on real boxes only."""
-    with _trainable_context(tower):
-        hidden, mask = image_embeddings(tower, img_feat, img_pos, img_mask, img_masked)
-        return encoder_cls_packed(tower.bert.encoder, hidden, mask, cls_only_last, use_flash)
-
-
-def encode_image_packed(
-    tower: ImageTower,
-    img_feat: torch.Tensor,
-    img_pos: torch.Tensor,
-    img_mask: torch.Tensor,
-    img_masked: torch.Tensor | None = None,
-    cls_only_last: bool = True,
-    use_flash: bool = True,
-) -> torch.Tensor:
-    """(B, D) image embeddings; same function as `tower(img_feat, img_pos, img_mask)`.
-
-    With a fixed number of boxes nothing is padded, so the gain here is the [CLS]-only last
-    layer; with a variable box count (conf_th rule, 10..100 boxes) padding is skipped too.
-    """
-    with _trainable_context(tower):
-        cls = image_cls_packed(tower, img_feat, img_pos, img_mask, img_masked, cls_only_last, use_flash)
-        return tower.project(cls)
-
-
-def cross_encoder_score_packed(
-    model: UniterCrossEncoder,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    img_feat: torch.Tensor,
-    img_pos: torch.Tensor,
-    img_mask: torch.Tensor,
-    use_flash: bool = True,
-) -> torch.Tensor:
-    """(B,) re-ranking scores; same function as `model.score(...)`, on real tokens only.
-
-    The caption padding between the text and the regions is dropped, and only the [CLS] row
-    goes through the last layer (the score reads the pooler of position 0 alone).
-    """
-    uniter = model.uniter
-    hidden, mask = uniter_embeddings(uniter, input_ids, attention_mask, img_feat, img_pos, img_mask)
-    cls = encoder_cls_packed(uniter.encoder, hidden, mask, True, use_flash)
-    pooled = uniter.pooler(cls.unsqueeze(1))
-    return F.linear(pooled, model.itm_output.weight[1:], model.itm_output.bias[1:]).squeeze(-1)
-
-
-def _combine_rows(rows: torch.Tensor, other_cls: torch.Tensor, mode: str) -> torch.Tensor:
-    """`combine_cls` for packed rows: row i gets `other_cls[i]` (its sequence's [CLS])."""
-    return combine_cls(rows.unsqueeze(1), other_cls, mode).squeeze(1)
-
-
-def pretrain_forward_packed(
-    model: PretrainModel, batch: Mapping[str, Any], task: str, use_flash: bool = True
-) -> dict[str, torch.Tensor]:
-    """Same function as `model(batch, task)` (SPEC 5), with both towers on real tokens only.
-
-    Args:
-        model: the pre-training model (bi-encoder `bert` + heads).
-        batch: a batch in the docs/architecture.md layout for `task`.
-        task: `itm` | `mlm` | `mrfr` | `mrckl`.
-        use_flash: allow flash variable-length attention (see `varlen_attention`).
-
-    Returns:
-        The dict `model(batch, task)` returns.
-    """
-    bienc = model.bert
-    txt, img = batch["txt"], batch["img"]
-    if task == "itm":
-        txt_emb = encode_text_packed(bienc.txt_model, txt["input_ids"], txt["attention_mask"], use_flash=use_flash)
-        img_emb = encode_image_packed(
-            bienc.img_model, img["img_feat"], img["img_pos"], img["img_mask"], img.get("img_masked"),
-            use_flash=use_flash,
-        )
-        return model.cmr_outputs(txt_emb, img_emb, batch)
-    if task == "mlm":
-        labels = batch["txt_labels"]
-        with _trainable_context(bienc.txt_model):
-            bert = bienc.txt_model.bert
-            emb = bert.embeddings(input_ids=txt["input_ids"])
-            txt_seq, layout = encoder_packed(bert.encoder, emb, txt["attention_mask"], use_flash=use_flash)
-        img_cls = image_cls_packed(bienc.img_model, img["img_feat"], img["img_pos"], img["img_mask"], use_flash=use_flash)
-        # Packed rows keep the row-major order of the padded batch, so selecting the masked
-        # rows here gives `seq[masked]` of the plain path, in the same order.
-        packed_labels = labels.flatten()[layout.flat_index]
-        rows = (packed_labels != -100).nonzero().squeeze(1)
-        hidden = _combine_rows(txt_seq[rows], img_cls[layout.batch_index[rows]], model.cls_concat)
-        logits = model.cls(hidden)
-        targets = packed_labels[rows]
-        return {
-            "loss": mlm_loss(logits, targets),
-            "n_correct": (logits.argmax(dim=-1) == targets).sum().detach(),
-            "n_masked": torch.tensor(targets.numel(), device=logits.device),
-        }
-    if task in ("mrfr", "mrckl"):
-        img_masked = img["img_masked"].bool()
-        txt_cls = text_cls_packed(bienc.txt_model, txt["input_ids"], txt["attention_mask"], use_flash=use_flash)
-        with _trainable_context(bienc.img_model):
-            emb, mask = image_embeddings(bienc.img_model, img["img_feat"], img["img_pos"], img["img_mask"], img_masked)
-            img_seq, layout = encoder_packed(bienc.img_model.bert.encoder, emb, mask, use_flash=use_flash)
-        # Column 0 of the tower's sequence is the [CLS] slot; img_masked covers the regions.
-        slot_masked = F.pad(img_masked, (1, 0)).flatten()[layout.flat_index]
-        rows = slot_masked.nonzero().squeeze(1)
-        hidden = _combine_rows(img_seq[rows], txt_cls[layout.batch_index[rows]], model.cls_concat)
-        if task == "mrfr":
-            loss = mrfr_loss(model.feat_regress(hidden), batch["feat_targets"])
-        else:
-            loss = mrckl_loss(model.region_classifier(hidden), batch["label_targets"])
-        return {"loss": loss, "n_masked": torch.tensor(hidden.shape[0], device=hidden.device)}
-    raise ValueError(f"unknown pre-training task {task!r}; expected one of {TASKS}")
-
-
-class PackedPretrainModel(nn.Module):
-    """`pretrain_forward_packed` as a module, so DDP can wrap it.
-
-    DDP synchronises gradients only for forwards that go through its own `forward`; calling
-    `pretrain_forward_packed(ddp.module, ...)` would skip that. Wrap this module instead and
-    save `self.model` in checkpoints (its keys keep the original layout).
-    """
-
-    def __init__(self, model: PretrainModel, use_flash: bool = True) -> None:
-        super().__init__()
-        self.model = model
-        self.use_flash = use_flash
-
-    def forward(self, batch: Mapping[str, Any], task: str) -> dict[str, torch.Tensor]:
-        """Same result as `self.model(batch, task)`."""
-        return pretrain_forward_packed(self.model, batch, task, self.use_flash)
+# ----------------------------------------------------------------------------- CUDA graphs
 
 
 def bucket_length(length: int, multiple: int = 8, max_length: int | None = None) -> int:
@@ -491,7 +324,9 @@ class FixedShapeEncoder:
     fixed shapes and fixed memory: every call copies its inputs into static buffers of the
     shape given at construction (rows and trailing dims zero-padded), replays, and returns
     the first rows of the static output. Padding rows must not change the real rows' result
-    (true for the towers: rows are independent and padded tokens are masked).
+    (true for the towers: rows are independent and padded tokens are masked). Capture needs
+    a fixed sequence of kernels: give it a model in `padded` execution (the packed path's
+    token count depends on the data).
 
     On CPU, or with `use_graph=False`, the same buffers are used but the function runs
     eagerly, so the padding logic is testable anywhere.

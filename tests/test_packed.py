@@ -1,25 +1,31 @@
-"""Fast encode paths (`utils.fast_encode`) against the plain towers, fp32, atol 1e-5."""
+"""`execution="packed"` against `execution="padded"` through the models' public API, fp32,
+atol 1e-5 (forward outputs and gradients, dropout off): the evidence behind the default."""
 from __future__ import annotations
+
+import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from model.biencoder import BiEncoder, BiEncoderConfig
+from model.checkpoint import (
+    build_biencoder_from_checkpoint,
+    build_cross_encoder_from_checkpoint,
+    make_checkpoint,
+)
 from model.cross_encoder import CrossEncoderConfig, UniterCrossEncoder
-from model.pretrain_heads import PretrainModel
-from utils.bench_batches import task_batch
-from utils.fast_encode import (
+from model.packed import (
+    DEFAULT_EXECUTION,
     FixedShapeEncoder,
-    PackedPretrainModel,
     bucket_length,
-    cross_encoder_score_packed,
-    encode_image_packed,
-    encode_text_packed,
-    pretrain_forward_packed,
+    use_execution,
     varlen_attention,
     varlen_layout,
 )
+from model.pretrain_heads import PretrainModel
+from utils.pipeline.bench_batches import task_batch
 
 ATOL = 1e-5
 SMALL_BERT = {
@@ -35,10 +41,15 @@ SMALL_BERT = {
 }
 
 
-def small_biencoder(dropout: float = 0.0, project_dim: int = 24, seed: int = 0) -> BiEncoder:
+def small_biencoder(
+    dropout: float = 0.0, project_dim: int = 24, seed: int = 0, execution: str = "packed", **kwargs
+) -> BiEncoder:
     torch.manual_seed(seed)
     model = BiEncoder(
-        BiEncoderConfig(dict(SMALL_BERT), dict(SMALL_BERT), project_dim=project_dim, dropout=dropout)
+        BiEncoderConfig(
+            dict(SMALL_BERT), dict(SMALL_BERT), project_dim=project_dim, dropout=dropout,
+            execution=execution, **kwargs,
+        )
     )
     with torch.no_grad():
         # Non-trivial LayerNorm affine and biases, so a wrong residual or gather shows.
@@ -70,26 +81,73 @@ def random_regions(counts: list[int], pad_to: int, seed: int) -> tuple[torch.Ten
     return feat, pos, mask
 
 
-@pytest.mark.parametrize("cls_only_last", [True, False])
-def test_packed_text_matches_plain(cls_only_last: bool) -> None:
-    model = small_biencoder()
+def test_packed_is_the_default_and_checkpoints_keep_the_choice(tmp_path: Path) -> None:
+    assert DEFAULT_EXECUTION == "packed"
+    assert BiEncoderConfig({}, {}).execution == "packed"
+    assert CrossEncoderConfig({}).execution == "packed"
+    model = small_biencoder(execution="padded")
+    assert model.txt_model.execution == model.img_model.execution == "padded"
+    obj = make_checkpoint(model)
+    assert obj["model_config"]["execution"] == "padded"
+    torch.save(obj, tmp_path / "padded.pt")
+    assert build_biencoder_from_checkpoint(tmp_path / "padded.pt").execution == "padded"
+    # A checkpoint written before the field existed loads with the default.
+    del obj["model_config"]["execution"]
+    torch.save(obj, tmp_path / "old.pt")
+    again = build_biencoder_from_checkpoint(tmp_path / "old.pt")
+    assert again.execution == again.txt_model.execution == again.img_model.execution == "packed"
+    cross = UniterCrossEncoder(CrossEncoderConfig(dict(SMALL_BERT), execution="padded"))
+    obj = make_checkpoint(cross)
+    del obj["model_config"]["execution"]
+    torch.save(obj, tmp_path / "old_cross.pt")
+    assert build_cross_encoder_from_checkpoint(tmp_path / "old_cross.pt").execution == "packed"
+    with pytest.raises(ValueError, match="execution"):
+        BiEncoderConfig({}, {}, execution="fast")
+    with pytest.raises(ValueError, match="execution"):
+        model.execution = "fast"
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_packed_text_matches_plain(attn_implementation: str) -> None:
+    model = small_biencoder(attn_implementation=attn_implementation)
     ids, mask = random_captions([5, 14, 2, 31, 9], pad_to=60, seed=1)
     with torch.no_grad():
-        want = model.encode_text(ids, mask)
-        got = encode_text_packed(model.txt_model, ids, mask, cls_only_last=cls_only_last)
+        with use_execution(model, "padded"):
+            want = model.encode_text(ids, mask)
+        got = model.encode_text(ids, mask)
+    assert model.execution == "packed"
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    # The packed text states of every real token equal the padded ones.
+    with torch.no_grad():
+        rows, layout = model.text_hidden_packed(ids, mask)
+        seq, _ = model.text_hidden(ids, mask)
+    torch.testing.assert_close(rows, seq[mask.bool()], atol=ATOL, rtol=0)
+    assert layout.batch_size == 5
 
 
-@pytest.mark.parametrize("cls_only_last", [True, False])
-def test_packed_image_matches_plain(cls_only_last: bool) -> None:
-    model = small_biencoder(seed=1)
+def test_packed_text_falls_back_without_a_real_first_token() -> None:
+    """A row whose position 0 is padding (left padding) takes the padded path: same result."""
+    model = small_biencoder()
+    ids, mask = random_captions([5, 3], pad_to=8, seed=13)
+    ids, mask = ids.roll(2, dims=1), mask.roll(2, dims=1)
+    with torch.no_grad():
+        with use_execution(model, "padded"):
+            want = model.encode_text(ids, mask)
+        got = model.encode_text(ids, mask)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_packed_image_matches_plain(attn_implementation: str) -> None:
+    model = small_biencoder(seed=1, attn_implementation=attn_implementation)
     feat, pos, mask = random_regions([36, 10, 23], pad_to=36, seed=2)
     masked = torch.zeros(3, 36, dtype=torch.bool)
     masked[0, 3] = masked[2, 7] = True
     feat = feat.masked_fill(masked[..., None], 0.0)
     with torch.no_grad():
-        want = model.encode_image(feat, pos, mask, masked)
-        got = encode_image_packed(model.img_model, feat, pos, mask, masked, cls_only_last=cls_only_last)
+        with use_execution(model, "padded"):
+            want = model.encode_image(feat, pos, mask, masked)
+        got = model.encode_image(feat, pos, mask, masked)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
@@ -99,14 +157,11 @@ def test_packed_gradients_match_plain() -> None:
     ids, mask = random_captions([7, 3, 12, 18], pad_to=20, seed=3)
     feat, pos, img_mask = random_regions([8, 8, 5, 8], pad_to=8, seed=4)
     grads = []
-    for fast in (False, True):
+    for execution in ("padded", "packed"):
         model.zero_grad()
-        if fast:
-            txt = encode_text_packed(model.txt_model, ids, mask)
-            img = encode_image_packed(model.img_model, feat, pos, img_mask)
-        else:
-            txt = model.encode_text(ids, mask)
-            img = model.encode_image(feat, pos, img_mask)
+        model.execution = execution
+        txt = model.encode_text(ids, mask)
+        img = model.encode_image(feat, pos, img_mask)
         scores = txt @ img.t()
         loss = torch.nn.functional.cross_entropy(scores, torch.arange(4))
         loss.backward()
@@ -122,8 +177,8 @@ def test_packed_gradients_match_plain() -> None:
 def test_dropout_runs_in_training() -> None:
     model = small_biencoder(dropout=0.1).train()
     ids, mask = random_captions([6, 9], pad_to=12, seed=5)
-    first = encode_text_packed(model.txt_model, ids, mask)
-    second = encode_text_packed(model.txt_model, ids, mask)
+    first = model.encode_text(ids, mask)
+    second = model.encode_text(ids, mask)
     assert torch.isfinite(first).all() and not torch.allclose(first, second)
 
 
@@ -166,7 +221,7 @@ def test_bucket_length() -> None:
 
 def test_fixed_shape_encoder_pads_rows_and_length() -> None:
     """The static-buffer path (a CUDA graph on GPU) returns the plain result for real rows."""
-    model = small_biencoder(seed=3)
+    model = small_biencoder(seed=3, execution="padded")
     ids, mask = random_captions([4, 11, 7], pad_to=11, seed=7)
     encoder = FixedShapeEncoder(
         model.encode_text, shapes=[(8, 16), (8, 16)], dtypes=[torch.long, torch.long], device=torch.device("cpu")
@@ -186,12 +241,15 @@ def test_fixed_shape_encoder_pads_rows_and_length() -> None:
 def test_packed_pretrain_tasks_match_plain(task: str) -> None:
     """Loss, metrics and gradients of every pre-training task equal the plain forward's."""
     model = PretrainModel(small_biencoder(seed=4)).train()
+    assert model.execution == "packed"
     rng = np.random.default_rng(8)
     batch = task_batch(task, 6, SMALL_BERT["vocab_size"], num_bb=12, rng=rng, max_txt_len=30)
     results = []
-    for forward in (lambda: model(batch, task), lambda: pretrain_forward_packed(model, batch, task)):
+    for execution in ("padded", "packed"):
         model.zero_grad()
-        out = forward()
+        model.execution = execution
+        assert model.bert.txt_model.execution == execution
+        out = model(batch, task)
         out["loss"].backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((out, grads))
@@ -207,18 +265,52 @@ def test_packed_pretrain_tasks_match_plain(task: str) -> None:
 def test_packed_cross_encoder_matches_plain() -> None:
     torch.manual_seed(9)
     model = UniterCrossEncoder(CrossEncoderConfig(dict(SMALL_BERT), dropout=0.0)).eval()
+    assert model.execution == "packed"
     ids, mask = random_captions([5, 14, 2, 9], pad_to=16, seed=10)
     feat, pos, img_mask = random_regions([12, 12, 7, 12], pad_to=12, seed=11)
     with torch.no_grad():
-        want = model.score(ids, mask, feat, pos, img_mask)
-        got = cross_encoder_score_packed(model, ids, mask, feat, pos, img_mask)
+        with use_execution(model, "padded"):
+            want = model.score(ids, mask, feat, pos, img_mask)
+        got = model.score(ids, mask, feat, pos, img_mask)
+        with use_execution(model, "padded"):
+            want_batched = model.score_batched(ids[:1], mask[:1], feat, pos, img_mask, batch_size=3)
+        got_batched = model.score_batched(ids[:1], mask[:1], feat, pos, img_mask, batch_size=3)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got_batched, want_batched, atol=ATOL, rtol=0)
 
 
-def test_packed_pretrain_module_wraps_the_model() -> None:
+def test_packed_cross_encoder_gradients_match_plain() -> None:
+    torch.manual_seed(14)
+    model = UniterCrossEncoder(CrossEncoderConfig(dict(SMALL_BERT), dropout=0.0)).train()
+    ids, mask = random_captions([5, 14, 2, 9], pad_to=16, seed=15)
+    feat, pos, img_mask = random_regions([12, 12, 7, 12], pad_to=12, seed=16)
+    batch = {
+        "txt": {"input_ids": ids, "attention_mask": mask},
+        "img": {"img_feat": feat, "img_pos": pos, "img_mask": img_mask},
+        "group_size": 2,
+    }
+    results = []
+    for execution in ("padded", "packed"):
+        model.zero_grad()
+        model.execution = execution
+        out = model(batch)
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out["loss"].detach(), grads))
+    (plain_loss, plain), (fast_loss, fast) = results
+    torch.testing.assert_close(fast_loss, plain_loss, atol=ATOL, rtol=1e-5)
+    assert plain.keys() == fast.keys()
+    for name in plain:
+        torch.testing.assert_close(fast[name], plain[name], atol=ATOL, rtol=1e-4, msg=name)
+
+
+def test_packed_pretrain_model_keeps_the_original_keys() -> None:
+    """The packed path is the model's own forward: no wrapper, original state-dict keys."""
     model = PretrainModel(small_biencoder(seed=5)).eval()
-    wrapped = PackedPretrainModel(model)
+    padded = copy.deepcopy(model)
+    padded.execution = "padded"
+    assert model.execution == "packed" and model.bert.txt_model.execution == "packed"
     batch = task_batch("itm", 4, SMALL_BERT["vocab_size"], num_bb=6, rng=np.random.default_rng(12), max_txt_len=20)
     with torch.no_grad():
-        torch.testing.assert_close(wrapped(batch, "itm")["loss"], model(batch, "itm")["loss"], atol=ATOL, rtol=0)
-    assert set(wrapped.state_dict()) == {f"model.{k}" for k in model.state_dict()}
+        torch.testing.assert_close(model(batch, "itm")["loss"], padded(batch, "itm")["loss"], atol=ATOL, rtol=0)
+    assert set(model.state_dict()) == set(padded.state_dict())
