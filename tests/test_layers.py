@@ -1,0 +1,190 @@
+"""The floors of the library (docs/architecture.md), read from the imports with `ast`.
+
+leaf      utils/*.py                        imports nothing of the project but the leaf
+search    utils/search/                     leaf
+data      data/        model  model/        optim  optim/     leaf (and their own package)
+engine    utils/engine/                     leaf (the training engine knows no model or data)
+pipeline  utils/pipeline/                   everything above: the one layer that joins data and model
+entry     pretrain.py train_itm.py inference.py rerank.py: the library, never another entry script
+scripts   scripts/*.py                      the library; the demo driver may call entry points
+
+Function-local imports count as imports. Module-level imports form no cycle.
+"""
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ENTRY_SCRIPTS = ("pretrain", "train_itm", "inference", "rerank")
+LIBRARY = ("leaf", "search", "data", "model", "optim", "engine", "pipeline")
+ALLOWED: dict[str, set[str]] = {
+    "leaf": {"leaf"},
+    "search": {"leaf", "search"},
+    "data": {"leaf", "data"},
+    "model": {"leaf", "model"},
+    "optim": {"leaf", "optim"},
+    "engine": {"leaf", "engine"},
+    "pipeline": set(LIBRARY),
+    "entry": set(LIBRARY),
+    "scripts": {*LIBRARY, "scripts"},
+}
+# The demo driver runs the pipeline through the entry points' main(argv).
+EXTRA_ALLOWED = {"scripts.demo": {"entry"}}
+
+
+def layer_of(module: str) -> str | None:
+    """The floor of a project module (dotted name), None for anything outside the project."""
+    parts = module.split(".")
+    if parts[0] in ENTRY_SCRIPTS and len(parts) == 1:
+        return "entry"
+    if parts[0] in ("data", "model", "optim", "scripts"):
+        return parts[0]
+    if parts[0] == "utils":
+        if len(parts) > 1 and parts[1] in ("search", "engine", "pipeline"):
+            return parts[1]
+        return "leaf"
+    return None
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(REPO).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def project_modules() -> dict[str, Path]:
+    """Every project module (library, entry scripts, scripts), by dotted name."""
+    paths = [REPO / f"{name}.py" for name in ENTRY_SCRIPTS]
+    for package in ("data", "model", "optim", "utils", "scripts"):
+        paths += sorted((REPO / package).rglob("*.py"))
+    return {_module_name(p): p for p in paths}
+
+
+def _resolve(name: str, modules: Mapping[str, Path]) -> str | None:
+    """The project module an imported name lives in (a module, or a package's attribute)."""
+    while name:
+        if name in modules:
+            return name
+        name = name.rpartition(".")[0]
+    return None
+
+
+def imports_of(path: Path, modules: Mapping[str, Path], top_level_only: bool = False) -> set[str]:
+    """Project modules `path` imports (anywhere in the file, or at module level only)."""
+    tree = ast.parse(path.read_text())
+    nodes: Iterable[ast.AST] = tree.body if top_level_only else ast.walk(tree)
+    found: set[str] = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            target = _resolve(name, modules)
+            if target is not None:
+                found.add(target)
+    return found
+
+
+def layer_violations(imports: Mapping[str, Iterable[str]]) -> list[str]:
+    """`importer -> imported` pairs that break the floors."""
+    bad = []
+    for importer, targets in imports.items():
+        layer = layer_of(importer)
+        allowed = ALLOWED[layer] | EXTRA_ALLOWED.get(importer, set())
+        for target in targets:
+            target_layer = layer_of(target)
+            if target_layer is None or target == importer:
+                continue
+            if target_layer not in allowed:
+                bad.append(f"{importer} ({layer}) -> {target} ({target_layer})")
+    return sorted(bad)
+
+
+def import_cycles(graph: Mapping[str, Iterable[str]]) -> list[list[str]]:
+    """Cycles of a module -> imported-modules graph (each reported once, from its first node)."""
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}  # 1 on the stack, 2 finished
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == 1:
+                cycles.append(stack[stack.index(target):] + [target])
+            elif target not in state:
+                visit(target)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    return cycles
+
+
+def test_project_respects_its_floors():
+    modules = project_modules()
+    imports = {name: imports_of(path, modules) for name, path in modules.items()}
+    assert layer_violations(imports) == []
+
+
+def test_no_module_level_import_cycle():
+    modules = project_modules()
+    graph = {name: imports_of(path, modules, top_level_only=True) - {name} for name, path in modules.items()}
+    assert import_cycles(graph) == []
+
+
+def test_every_module_has_a_floor():
+    assert all(layer_of(name) is not None for name in project_modules())
+
+
+@pytest.mark.parametrize(
+    ("importer", "target"),
+    [
+        ("utils.config", "model.towers"),              # the leaf imports nothing above it
+        ("model.losses", "utils.engine.training"),     # model/ sits on the leaf only
+        ("data.datasets", "model.biencoder"),          # data and model meet in the pipeline only
+        ("utils.search.topk", "data.txt_db"),          # search maths is model- and data-free
+        ("utils.engine.training", "data.samplers"),    # the training engine knows no data
+        ("optim.optimizer", "utils.pipeline.model_setup"),
+        ("rerank", "inference"),                       # no entry script is a library
+        ("scripts.report", "train_itm"),               # only the demo driver calls entry points
+    ],
+)
+def test_a_forbidden_import_is_reported(importer, target):
+    assert layer_violations({importer: [target]}) == [
+        f"{importer} ({layer_of(importer)}) -> {target} ({layer_of(target)})"
+    ]
+
+
+def test_allowed_imports_pass():
+    assert layer_violations({
+        "utils.pipeline.evaluation": ["data.txt_db", "model.biencoder", "utils.engine.training"],
+        "train_itm": ["utils.pipeline.model_setup", "optim.schedule"],
+        "scripts.demo": ["train_itm"],
+        "model.losses": ["utils.distributed", "numpy"],
+    }) == []
+
+
+def test_a_cycle_is_found():
+    graph = {"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"]}
+    assert import_cycles(graph) == [["a", "b", "c", "a"]]
+    assert import_cycles({"a": ["b"], "b": []}) == []
+
+
+def test_imports_are_read_from_a_module_tree(tmp_path):
+    (tmp_path / "m.py").write_text("import os\nfrom pkg import sub\ndef f():\n    from pkg.sub import g\n")
+    modules = {"m": tmp_path / "m.py", "pkg.sub": tmp_path / "sub.py", "pkg": tmp_path / "pkg.py"}
+    assert imports_of(tmp_path / "m.py", modules) == {"pkg.sub"}
+    (tmp_path / "n.py").write_text("def f():\n    import pkg\n")
+    assert imports_of(tmp_path / "n.py", modules, top_level_only=True) == set()
