@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from data.img_db import ImgDb, image_key
 from data.txt_db import TxtDb
+from utils.config import ConfigError
 from utils.errors import DataError
 
 IGNORE_INDEX = -100
@@ -104,6 +105,32 @@ def mask_regions(num_boxes: int, rng: np.random.Generator, mrm_prob: float) -> t
     return torch.from_numpy(masked)
 
 
+def hard_negative_pool(n: int, mode: str) -> tuple[int, int | None]:
+    """Ranks `[start, stop)` of the non-positives that `mode` draws `n` negatives from.
+
+    `stop` None means the whole ranking; `(0, 0)` means no negatives. The one parser of the
+    `retrieval.hard_negatives_sampling` grammar: `none | random | top | top-random | a-b`.
+
+    Raises:
+        ConfigError: an unknown mode, or `a-b` with `a >= b`.
+    """
+    if mode == "none" or n <= 0:
+        return 0, 0
+    if mode == "top":
+        return 0, n
+    if mode == "random":
+        return 0, None
+    if mode == "top-random":
+        return 0, min(max(2 * n + 10, _TOP_RANDOM_MIN), _TOP_RANDOM_MAX)
+    m = _RANK_RANGE.fullmatch(mode)
+    if m is None or int(m.group(1)) >= int(m.group(2)):
+        raise ConfigError(
+            f"retrieval.hard_negatives_sampling: unknown hard negative sampling mode {mode!r}; use none, "
+            f"random, top, top-random or 'a-b' with a < b (e.g. 10-20)"
+        )
+    return int(m.group(1)), int(m.group(2))
+
+
 def select_hard_negatives(ranked_candidates: Sequence[str], positives: Sequence[str] | set[str],
                           n: int, mode: str, rng: np.random.Generator) -> list[str]:
     """Picks up to ``n`` hard negatives from a best-first ranking.
@@ -123,20 +150,12 @@ def select_hard_negatives(ranked_candidates: Sequence[str], positives: Sequence[
     """
     if n <= 0 or mode == "none":
         return []
+    start, stop = hard_negative_pool(n, mode)
     pos = set(positives)
     cands = [c for c in dict.fromkeys(ranked_candidates) if c not in pos]
     if mode == "top":
         return cands[:n]
-    if mode == "random":
-        pool = cands
-    elif mode == "top-random":
-        pool = cands[:min(max(2 * n + 10, _TOP_RANDOM_MIN), _TOP_RANDOM_MAX)]
-    else:
-        m = _RANK_RANGE.fullmatch(mode)
-        if m is None or int(m.group(1)) >= int(m.group(2)):
-            raise ValueError(f"unknown hard negative sampling mode {mode!r}: use none, random, "
-                             f"top, top-random or 'a-b' with a < b (e.g. 10-20)")
-        pool = cands[int(m.group(1)):int(m.group(2))]
+    pool = cands[start:stop]
     picked = rng.choice(len(pool), size=min(n, len(pool)), replace=False)
     return [pool[j] for j in picked]
 

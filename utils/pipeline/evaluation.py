@@ -20,6 +20,7 @@ from data.datasets import (
     ImageEvalDataset,
     RetrievalDataset,
     TextEvalDataset,
+    hard_negative_pool,
     image_eval_collate,
     select_hard_negatives,
     text_eval_collate,
@@ -37,9 +38,6 @@ from utils.search.topk import exact_topk
 
 logger = logging.getLogger(__name__)
 
-# 'top-random' draws from the top max(2n + 10, 50) (at most 1000) non-positives, as
-# data.datasets.select_hard_negatives does; the ranking we hand it must be that long.
-_TOP_RANDOM_MIN, _TOP_RANDOM_MAX = 50, 1000
 
 
 def open_img_db(path: str, data: DataConfig) -> ImgDb:
@@ -173,22 +171,11 @@ def evaluate_recall(
 
 
 def pool_size(num: int, mode: str) -> int | None:
-    """How many best-ranked non-positives `select_hard_negatives` may look at (None: all)."""
-    if mode == "none" or num <= 0:
-        return 0
-    if mode == "top":
-        return num
-    if mode == "top-random":
-        return min(max(2 * num + 10, _TOP_RANDOM_MIN), _TOP_RANDOM_MAX)
-    if mode == "random":
-        return None
-    low, sep, high = mode.partition("-")
-    if not sep or not (low.isdigit() and high.isdigit()) or int(low) >= int(high):
-        raise ValueError(
-            f"retrieval.hard_negatives_sampling: unknown mode {mode!r}; use none, random, top, "
-            f"top-random or 'a-b' with a < b (e.g. 10-20)"
-        )
-    return int(high)
+    """How many best-ranked non-positives `select_hard_negatives` may look at (None: all).
+
+    The ranking handed to the miner's selection must be this long.
+    """
+    return hard_negative_pool(num, mode)[1]
 
 
 class HardNegativeMiner:
