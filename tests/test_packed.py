@@ -314,3 +314,20 @@ def test_packed_pretrain_model_keeps_the_original_keys() -> None:
     with torch.no_grad():
         torch.testing.assert_close(model(batch, "itm")["loss"], padded(batch, "itm")["loss"], atol=ATOL, rtol=0)
     assert set(model.state_dict()) == set(padded.state_dict())
+
+
+def test_run_config_chooses_the_execution(tmp_path: Path) -> None:
+    import json
+
+    from utils.config import ModelConfig
+    from utils.pipeline.model_setup import build_biencoder_for_run
+
+    tower = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+             "max_position_embeddings": 32, "type_vocab_size": 2, "vocab_size": 120}
+    (tmp_path / "tower.json").write_text(json.dumps(tower))
+    path = str(tmp_path / "tower.json")
+    assert ModelConfig().execution == "packed"
+    for mode in ("padded", "packed"):
+        model = build_biencoder_for_run(ModelConfig(txt_model_config=path, img_model_config=path, project_dim=8,
+                                                    execution=mode))
+        assert model.execution == mode and model.config.execution == mode

@@ -63,6 +63,7 @@ def build_biencoder_for_run(cfg: ModelConfig) -> BiEncoder:
         cls_concat=cfg.cls_concat,
         fix_txt_encoder=cfg.fix_txt_encoder,
         fix_img_encoder=cfg.fix_img_encoder,
+        execution=cfg.execution,
     )
     if cfg.txt_checkpoint:
         load_text_tower_weights(model, cfg.txt_checkpoint)

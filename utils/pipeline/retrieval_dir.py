@@ -221,6 +221,9 @@ def load_biencoder(
         else:
             raise ConfigError(f"{path} is an original checkpoint: its tower configs are needed")
         load_biencoder_weights(model, path)
+    if config is not None:
+        # How to run the towers is the run's choice, not the checkpoint's.
+        model.execution = config.model.execution
     return model.eval(), fmt
 
 
