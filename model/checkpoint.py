@@ -17,7 +17,7 @@ enough to rebuild its model.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -68,6 +68,23 @@ PRETRAIN_HEAD_PREFIXES = ("cls.", "feat_regress.", "region_classifier.", "itm_ou
 UNITER_HEAD_PREFIXES = PRETRAIN_HEAD_PREFIXES + ("rank_output.",)
 
 PathLike = str | os.PathLike[str]
+
+
+# Checkpoint formats in detection order: name -> test on the loaded dict. Every loader, and
+# inference's info.json, names a file's format through `detect_format`; a new format is one
+# entry here plus the branch of each loader that accepts it.
+CHECKPOINT_FORMATS: dict[str, Callable[[Mapping[str, Any]], bool]] = {
+    **{name: (lambda obj, name=name: obj.get("format") == name) for name in OUR_FORMATS},
+    "original-biencoder": lambda obj: "model_dict" in obj,
+    "original-pretrain": lambda obj: any(k.startswith("bert.") for k in obj),
+    "original-uniter": lambda obj: any(k.startswith("uniter.") for k in obj),
+    "state-dict": lambda obj: True,
+}
+
+
+def detect_format(obj: Mapping[str, Any]) -> str:
+    """The name in `CHECKPOINT_FORMATS` of a loaded checkpoint (`read_weights` output)."""
+    return next(name for name, test in CHECKPOINT_FORMATS.items() if test(obj))
 
 
 # ---------------------------------------------------------------- our own format
@@ -223,16 +240,17 @@ def load_biencoder_weights(model: BiEncoder, path: PathLike) -> None:
         CheckpointError: keys or shapes do not match (the message names the file).
     """
     obj = read_weights(path)
-    if obj.get("format") in OUR_FORMATS:
+    fmt = detect_format(obj)
+    if fmt in OUR_FORMATS:
         obj = _check_ours(obj, path)
-        if obj["format"] == CROSS_ENCODER_FORMAT:
+        if fmt == CROSS_ENCODER_FORMAT:
             raise CheckpointError(f"{path} holds a cross-encoder, not a bi-encoder")
         state = obj["model"]
-        if obj["format"] == PRETRAIN_FORMAT:
+        if fmt == PRETRAIN_FORMAT:
             state = _biencoder_part_of_pretrain(state, path)
-    elif "model_dict" in obj:
+    elif fmt == "original-biencoder":
         state = obj["model_dict"]
-    elif any(k.startswith("bert.") for k in obj):
+    elif fmt == "original-pretrain":
         state = _biencoder_part_of_pretrain(obj, path)
     else:
         state = obj
@@ -245,7 +263,7 @@ def load_pretrain_weights(model: PretrainModel, path: PathLike) -> None:
     The original's unused `itm_output.*` head is dropped; every other key must match.
     """
     obj = read_weights(path)
-    if obj.get("format") in OUR_FORMATS:
+    if detect_format(obj) in OUR_FORMATS:
         obj = _check_ours(obj, path)
         if obj["format"] != PRETRAIN_FORMAT:
             raise CheckpointError(f"{path} holds a {obj['format']} checkpoint, not a pre-training one")
@@ -283,7 +301,7 @@ def load_cross_encoder_weights(
             starting a training run; scoring with such a file would be meaningless.
     """
     obj = read_weights(path)
-    if obj.get("format") in OUR_FORMATS:
+    if detect_format(obj) in OUR_FORMATS:
         obj = _check_ours(obj, path)
         if obj["format"] != CROSS_ENCODER_FORMAT:
             if not allow_biencoder_init:

@@ -367,3 +367,18 @@ def test_checkpoints_in_both_torch_save_formats_load(tmp_path, zip_format) -> No
     assert set(loaded) == set(state)
     for key, value in state.items():
         assert torch.equal(loaded[key], value)
+
+
+def test_one_registry_names_every_checkpoint_format():
+    from model.checkpoint import CHECKPOINT_FORMATS, OUR_FORMATS, detect_format
+
+    weight = torch.zeros(1)
+    cases = {
+        **{name: {"format": name, "model": {}} for name in OUR_FORMATS},
+        "original-biencoder": {"model_dict": {}, "epoch": 1},
+        "original-pretrain": {"bert.img_model.x": weight, "cls.predictions.bias": weight},
+        "original-uniter": {"uniter.embeddings.x": weight, "itm_output.weight": weight},
+        "state-dict": {"txt_model.bert.x": weight},
+    }
+    assert set(cases) == set(CHECKPOINT_FORMATS)
+    assert {name: detect_format(obj) for name, obj in cases.items()} == {name: name for name in cases}

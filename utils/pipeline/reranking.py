@@ -18,7 +18,9 @@ import torch
 from data.datasets import PairDataset, pair_collate
 from model.checkpoint import (
     CROSS_ENCODER_FORMAT,
+    OUR_FORMATS,
     build_cross_encoder_from_checkpoint,
+    detect_format,
     load_cross_encoder_weights,
 )
 from model.cross_encoder import build_cross_encoder
@@ -78,8 +80,8 @@ def load_cross_encoder(checkpoint: str | os.PathLike, model_config: str | None, 
     """
 
     path = require_path(str(checkpoint), "--reranker_checkpoint", "file")
-    fmt = read_weights(path).get("format")
-    if fmt is not None:
+    fmt = detect_format(read_weights(path))
+    if fmt in OUR_FORMATS:
         if fmt != CROSS_ENCODER_FORMAT:
             raise CheckpointError(f"{path} holds a {fmt} checkpoint, not a cross-encoder (re-ranker)")
         if model_config:

@@ -16,10 +16,23 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from data.img_db import ImgDb
+from data.txt_db import TxtDb
+from model.biencoder import BiEncoder, BiEncoderConfig, build_biencoder
+from model.checkpoint import (
+    OUR_FORMATS,
+    build_biencoder_from_checkpoint,
+    detect_format,
+    load_biencoder_weights,
+)
+from model.state_dicts import read_weights
 from utils.config import ConfigError, RunConfig, require_path
 from utils.engine.training import to_device
 from utils.errors import UserError
+from utils.precision import resolve_precision
+from utils.search.topk import exact_topk, results_to_lists
 
 logger = logging.getLogger(__name__)
 
@@ -118,9 +131,6 @@ def resolve_split(config: RunConfig) -> Split:
 
 def open_split(split: Split):
     """(TxtDb, ImgDb) of a split."""
-    from data.img_db import ImgDb
-    from data.txt_db import TxtDb
-
     txt_db = TxtDb(split.txt_db, split.max_txt_len)
     img_db = ImgDb(
         split.img_db, split.conf_th, split.max_bb, split.min_bb, split.num_bb, split.compressed_db
@@ -174,18 +184,9 @@ def check_retrieval_dir(retrieval_dir: str | os.PathLike, split: Split) -> dict[
 
 
 def checkpoint_format(path: str | os.PathLike) -> str:
-    """`ours` (self-describing), `original-biencoder` (`model_dict`) or `original-pretrain`."""
-    from model.checkpoint import OUR_FORMATS
-    from model.state_dicts import read_weights
-
-    obj = read_weights(path)
-    if obj.get("format") in OUR_FORMATS:
-        return "ours"
-    if "model_dict" in obj:
-        return "original-biencoder"
-    if any(k.startswith("bert.") for k in obj):
-        return "original-pretrain"
-    return "state-dict"
+    """`ours` (self-describing) or the `model.checkpoint.CHECKPOINT_FORMATS` name of an original file."""
+    fmt = detect_format(read_weights(path))
+    return "ours" if fmt in OUR_FORMATS else fmt
 
 
 def load_biencoder(
@@ -201,9 +202,6 @@ def load_biencoder(
         FileNotFoundError: the checkpoint or a tower config does not exist.
         model.state_dicts.CheckpointError: the weights do not fit the configured towers.
     """
-    from model.biencoder import BiEncoder, BiEncoderConfig, build_biencoder
-    from model.checkpoint import build_biencoder_from_checkpoint, load_biencoder_weights
-
     path = require_path(str(checkpoint), "--checkpoint", "file")
     fmt = checkpoint_format(path)
     if fmt == "ours":
@@ -230,8 +228,6 @@ def load_biencoder(
 def pick_precision(requested: str, config_precision: str, device: torch.device):
     """Inference precision: `auto` = autocast on a GPU (the config's fp16/bf16, else bf16
     when supported, else fp16), fp32 on a CPU."""
-    from utils.precision import resolve_precision
-
     if requested == "auto":
         if device.type != "cuda":
             requested = "fp32"
@@ -275,8 +271,6 @@ def encode_split(
     Returns:
         Number of examples this rank encoded.
     """
-    from tqdm.auto import tqdm
-
     # Stable sort: equal lengths keep canonical order, so runs are reproducible.
     order = sorted(range(len(dataset)), key=lambda i: -lengths[i])[rank::world_size]
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -310,8 +304,6 @@ def topk_lists(
     Exact search (`utils.search.topk.exact_topk`, on `device`) unless an approximate `index` over
     `corpus` is given.
     """
-    from utils.search.topk import exact_topk, results_to_lists
-
     if index is None:
         return results_to_lists(*exact_topk(queries, corpus, k, device=device))
     lists: list[list[tuple[int, float]]] = []
