@@ -197,3 +197,20 @@ def test_original_config_finetuning_learns_in_most_seeds(sixteen_images, tmp_pat
         _, losses = _original_finetuning(sixteen_images, tmp_path / f"seed{seed}", seed)
         learned.append(_learned(losses))
     assert sum(learned) >= 3, learned
+
+
+def test_original_keys_without_effect_warn_and_unsupported_values_fail(tmp_path, caplog):
+    flat = {**ITM_FLAT, "txt_model_type": "bert-base", "itm_global_file": "meta.json",
+            "retrieval_mode": "both", "caption_score_weight": 0.0}
+    load_config(_write_json(tmp_path / "ok.json", flat))
+    assert "txt_model_type" in caplog.text and "itm_global_file" in caplog.text
+    with pytest.raises(ConfigError, match=r"retrieval_mode='img_only' is not supported .* only 'both'"):
+        load_config(_write_json(tmp_path / "img_only.json", {**flat, "retrieval_mode": "img_only"}))
+    with pytest.raises(ConfigError, match="caption_score_weight"):
+        load_config(_write_json(tmp_path / "csw.json", {**flat, "caption_score_weight": 0.5}))
+    # The same keys inside our nested sections.
+    path = tmp_path / "ours.yaml"
+    path.write_text(yaml.safe_dump({"model": {"txt_model_type": "bert-base"}, "retrieval": {"retrieval_mode": "both"}}))
+    caplog.clear()
+    load_config(path)
+    assert "'txt_model_type' has no effect" in caplog.text

@@ -41,10 +41,8 @@ class ConfigError(UserError, ValueError):
 class ModelConfig:
     """Towers, projections and the checkpoints they start from."""
 
-    txt_model_type: str = "bert-base"
     # A local HF model directory or a HF config.json (hub names are refused offline).
     txt_model_config: str = ""
-    img_model_type: str = "uniter-base"
     img_model_config: str = ""
     # UNITER cross-encoder config (re-ranking).
     model_config: str | None = None
@@ -158,9 +156,6 @@ class RetrievalConfig:
     # Refresh hard negatives every N steps; 0 = once per epoch.
     steps_per_hard_neg: int = 0
     sample_init_hard_negatives: bool = False
-    retrieval_mode: Literal["img_only", "txt_only", "both"] = "both"
-    caption_score_weight: float = 0.0
-    itm_global_file: str | None = None
     # `type` (flat | hnsw | ivfpq) and that type's parameters, e.g. {type: hnsw, m: 32,
     # ef_search: 128}; checked against the index class by inference.py before any work.
     index: dict[str, Any] = field(default_factory=lambda: {"type": "flat"})
@@ -218,7 +213,21 @@ IGNORED_ORIGINAL_KEYS = (
     "nce_temp",
     "neg_size",
     "full_val",
+    # Architecture names: the tower config files say what the towers are.
+    "txt_model_type",
+    "img_model_type",
+    # Image metadata the original used for display only.
+    "itm_global_file",
 )
+
+# Original keys whose only working value we implement: the original programs raised or did
+# nothing else for any other value.
+FIXED_ORIGINAL_KEYS: dict[str, Any] = {
+    # LightningDOT's train_itm.py raised "not supported anymore" for img_only / txt_only.
+    "retrieval_mode": "both",
+    # A score term over a separate caption encoder the released code never builds.
+    "caption_score_weight": 0.0,
+}
 
 
 # `Optional[X]` and `X | None` annotations.
@@ -246,6 +255,12 @@ ALIASES: dict[str, tuple[str, str, Any]] = {
     # Our earlier spelling of retrieval.index.type.
     "index_type": ("retrieval", "index", _index_type),
 }
+
+
+def _check_fixed(key: str, value: Any, source: str) -> None:
+    expected = FIXED_ORIGINAL_KEYS[key]
+    if value != expected:
+        raise ConfigError(f"{source}: {key}={value!r} is not supported (as in the original); only {expected!r} is")
 
 
 def flat_key_table() -> dict[str, str]:
@@ -357,6 +372,12 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     kwargs = {}
     section = next((name for name, section_cls in SECTIONS.items() if section_cls is cls), None)
     for key, value in data.items():
+        if key in IGNORED_ORIGINAL_KEYS and key not in hints:
+            logger.warning("%s: key %r has no effect in this implementation", where, key)
+            continue
+        if key in FIXED_ORIGINAL_KEYS and key not in hints:
+            _check_fixed(key, value, where)
+            continue
         if key in ALIASES and ALIASES[key][0] == section and key not in hints:
             _, key, convert = ALIASES[key]
             value = convert(value) if convert else value
@@ -417,6 +438,8 @@ def _flat_to_nested(
             nested[key] = value
         elif key in IGNORED_ORIGINAL_KEYS:
             ignored.add(key)
+        elif key in FIXED_ORIGINAL_KEYS:
+            _check_fixed(key, value, source)
         elif key in ALIASES:
             section, name, convert = ALIASES[key]
             nested.setdefault(section, {})[name] = convert(value) if convert else value

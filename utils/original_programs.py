@@ -40,8 +40,6 @@ LIGHTNINGDOT_TRAIN_ITM = OriginalProgram(
         "steps_per_hard_neg": 0,
         "sample_init_hard_negatives": False,
         "inf_minibatch_size": 400,
-        "retrieval_mode": "both",
-        "caption_score_weight": 0.0,
         "hnsw_index": False,
     },
     rules=(
@@ -72,8 +70,6 @@ LIGHTNINGDOT_EVAL_ITM = OriginalProgram(
         "n_workers": 2,
         "pin_mem": False,
         "project_dim": 0,
-        "retrieval_mode": "both",
-        "caption_score_weight": 0.0,
         "hnsw_index": False,
     },
     rules=(OriginalRule("retrieval.inf_minibatch_size", 400, ("inf_minibatch_size",),
