@@ -25,10 +25,9 @@ from data.img_db import ImgDb, image_key
 from data.txt_db import TxtDb
 from utils.config import ConfigError
 from utils.errors import DataError
+from utils.region_features import BOX_DIM, FEAT_DIM
 
 IGNORE_INDEX = -100
-FEAT_DIM = 2048
-POS_DIM = 7
 # 'top-random' samples among the top max(2n + 10, 50) (at most 1000) non-positives, the pool
 # the original LightningDOT retrieved before sampling its hard negatives.
 _TOP_RANDOM_MIN, _TOP_RANDOM_MAX = 50, 1000
@@ -54,7 +53,7 @@ def collate_images(feats: Sequence[torch.Tensor], poss: Sequence[torch.Tensor],
     nbbs = [f.size(0) for f in feats]
     b, n = len(feats), max(nbbs)
     img_feat = torch.zeros(b, n, FEAT_DIM)
-    img_pos = torch.zeros(b, n, POS_DIM)
+    img_pos = torch.zeros(b, n, BOX_DIM)
     img_mask = torch.zeros(b, n, dtype=torch.long)
     for i, (f, p, k) in enumerate(zip(feats, poss, nbbs)):
         img_feat[i, :k] = f

@@ -29,11 +29,11 @@ from tqdm import tqdm
 from data.converters import convert_karpathy, convert_npz_dir
 from data.lmdb_io import atomic_dir
 from utils.errors import MissingPathError
+from utils.region_features import FEAT_DIM, NUM_LABELS
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 SPLITS = ("train", "val", "test")
-FEAT_DIM, NUM_LABELS = 2048, 1601
 
 OBJECTS = ("dog", "cat", "car", "bus", "bicycle", "horse", "bird", "boat", "chair", "table",
            "cup", "bottle", "ball", "kite", "tree", "house", "clock", "lamp", "book", "phone",

@@ -25,7 +25,6 @@ from model.state_dicts import (
     rename_gamma_beta,
 )
 from model.towers import (
-    IMG_DIM,
     ImageTower,
     TextTower,
     build_bert_config,
@@ -33,6 +32,7 @@ from model.towers import (
     hf_weights_file,
     read_bert_config,
 )
+from utils.region_features import FEAT_DIM
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class BiEncoderConfig:
     cls_concat: str = "add"
     fix_txt_encoder: bool = False
     fix_img_encoder: bool = False
-    img_dim: int = IMG_DIM
+    img_dim: int = FEAT_DIM
     attn_implementation: str = "sdpa"
     execution: str = DEFAULT_EXECUTION
 

@@ -24,7 +24,7 @@ import torch
 
 from model.biencoder import BiEncoder, BiEncoderConfig, load_text_tower_state
 from model.cross_encoder import CrossEncoderConfig, UniterCrossEncoder
-from model.pretrain_heads import IMG_LABEL_DIM, PretrainModel
+from model.pretrain_heads import PretrainModel
 from model.state_dicts import (
     CheckpointError,
     drop_prefixes,
@@ -35,6 +35,7 @@ from model.state_dicts import (
 )
 from model.towers import ImageTower, TextTower, hf_weights_file
 from utils.errors import MissingPathError
+from utils.region_features import NUM_LABELS
 
 __all__ = [
     "BIENCODER_FORMAT",
@@ -194,7 +195,7 @@ def build_pretrain_model_from_checkpoint(path: PathLike) -> PretrainModel:
     biencoder = BiEncoder(_biencoder_config(obj))
     model = PretrainModel(
         biencoder,
-        img_label_dim=heads.get("img_label_dim", IMG_LABEL_DIM),
+        img_label_dim=heads.get("img_label_dim", NUM_LABELS),
         mask_duplicates=heads.get("mask_duplicates", True),
     )
     if obj["format"] == PRETRAIN_FORMAT:

@@ -27,12 +27,12 @@ from torch import nn
 from model.losses import hinge_ranking_loss, softmax_ranking_loss
 from model.packed import DEFAULT_EXECUTION, check_execution, packable
 from model.towers import (
-    IMG_DIM,
     UniterModel,
     build_bert_config,
     config_from_dict,
     read_bert_config,
 )
+from utils.region_features import FEAT_DIM
 
 RANK_LOSSES = ("hinge", "softmax")
 
@@ -54,7 +54,7 @@ class CrossEncoderConfig:
 
     bert_config: dict[str, Any]
     dropout: float | None = None
-    img_dim: int = IMG_DIM
+    img_dim: int = FEAT_DIM
     rank_loss: str = "hinge"
     margin: float = 0.2
     attn_implementation: str = "sdpa"

@@ -22,9 +22,9 @@ from model.biencoder import BiEncoder
 from model.losses import contrastive_loss, mlm_loss, mrckl_loss, mrfr_loss
 from model.packed import packable
 from model.towers import build_bert_config
+from utils.region_features import NUM_LABELS
 
 # Visual Genome 1600 object classes + background (SPEC 2 soft_labels).
-IMG_LABEL_DIM = 1601
 TASKS = ("itm", "mlm", "mrfr", "mrckl")
 
 
@@ -120,7 +120,7 @@ class PretrainModel(nn.Module):
     def __init__(
         self,
         biencoder: BiEncoder,
-        img_label_dim: int = IMG_LABEL_DIM,
+        img_label_dim: int = NUM_LABELS,
         mask_duplicates: bool = True,
     ) -> None:
         """Attach the heads to `biencoder`.

@@ -40,16 +40,13 @@ from model.packed import (
     packable,
 )
 from utils.errors import DataError, MissingPathError
+from utils.region_features import BOX_DIM, FEAT_DIM
 
 try:
     from transformers.masking_utils import create_bidirectional_mask
 except ImportError:  # transformers < 4.56 builds masks inside each model
     create_bidirectional_mask = None
 
-# Feature size of the bottom-up-attention Faster R-CNN regions.
-IMG_DIM = 2048
-# Size of the box position feature [x1, y1, x2, y2, w, h, w*h] (SPEC 2).
-BOX_DIM = 7
 # The image tower's [CLS] slot always embeds this token id (BERT's [CLS]).
 CLS_TOKEN_ID = 101
 # Weight files of a HF model directory, in the order transformers prefers them.
@@ -203,7 +200,7 @@ class UniterImageEmbeddings(nn.Module):
     in effect, whatever a checkpoint stores there.
     """
 
-    def __init__(self, config: BertConfig, img_dim: int = IMG_DIM) -> None:
+    def __init__(self, config: BertConfig, img_dim: int = FEAT_DIM) -> None:
         super().__init__()
         hidden = config.hidden_size
         self.img_linear = nn.Linear(img_dim, hidden)
@@ -252,7 +249,7 @@ class UniterModel(nn.Module):
     regions: masked positions contribute nothing, so this equals UNITER's compacted input.
     """
 
-    def __init__(self, config: BertConfig, img_dim: int = IMG_DIM) -> None:
+    def __init__(self, config: BertConfig, img_dim: int = FEAT_DIM) -> None:
         super().__init__()
         self.config = config
         self.embeddings = BertEmbeddings(config)
@@ -415,7 +412,7 @@ class ImageTower(_ProjectedTower):
         self,
         config: BertConfig,
         project_dim: int = 0,
-        img_dim: int = IMG_DIM,
+        img_dim: int = FEAT_DIM,
         execution: str = DEFAULT_EXECUTION,
     ) -> None:
         super().__init__()

@@ -22,6 +22,7 @@ from data.datasets import (
     smrm_collate,
     vmlm_collate,
 )
+from utils.region_features import FEAT_DIM, NUM_LABELS
 
 CLS_ID, SEP_ID, MASK_ID = 101, 102, 103
 # First ordinary word-piece id of the BERT vocabularies (SPEC 1 v_range).
@@ -29,7 +30,6 @@ FIRST_WORD_ID = 999
 # Minimum word pieces of a caption, and the gamma tail above it: 8 + Gamma(2, 2) has mean 12
 # (14 with [CLS]/[SEP]) and a 99.9th percentile near 26, like COCO / Flickr30k captions.
 _MIN_PIECES, _GAMMA_SHAPE, _GAMMA_SCALE = 8, 2.0, 2.0
-IMG_LABEL_DIM = 1601
 
 
 def caption_lengths(n: int, rng: np.random.Generator, max_txt_len: int = 60) -> np.ndarray:
@@ -55,7 +55,7 @@ def retrieval_batch(
     vocab_size: int,
     num_bb: int,
     rng: np.random.Generator,
-    img_dim: int = 2048,
+    img_dim: int = FEAT_DIM,
     max_txt_len: int = 60,
 ) -> dict[str, Any]:
     """A CMR / fine-tuning batch of `batch_size` (caption, image) pairs, distinct images."""
@@ -75,7 +75,7 @@ def vmlm_batch(
     vocab_size: int,
     num_bb: int,
     rng: np.random.Generator,
-    img_dim: int = 2048,
+    img_dim: int = FEAT_DIM,
     max_txt_len: int = 60,
     mask_prob: float = 0.15,
 ) -> dict[str, Any]:
@@ -98,7 +98,7 @@ def smrm_batch(
     vocab_size: int,
     num_bb: int,
     rng: np.random.Generator,
-    img_dim: int = 2048,
+    img_dim: int = FEAT_DIM,
     max_txt_len: int = 60,
     mrm_prob: float = 0.15,
 ) -> dict[str, Any]:
@@ -106,7 +106,7 @@ def smrm_batch(
     items = []
     for i, length in enumerate(caption_lengths(batch_size, rng, max_txt_len)):
         feat, pos = _image(num_bb, img_dim, rng)
-        logits = rng.standard_normal((num_bb, IMG_LABEL_DIM), dtype=np.float32)
+        logits = rng.standard_normal((num_bb, NUM_LABELS), dtype=np.float32)
         soft = torch.softmax(torch.from_numpy(logits), dim=1)
         items.append(
             {"txt_id": str(i),
@@ -118,7 +118,7 @@ def smrm_batch(
 
 
 def task_batch(task: str, batch_size: int, vocab_size: int, num_bb: int, rng: np.random.Generator,
-               img_dim: int = 2048, max_txt_len: int = 60) -> dict[str, Any]:
+               img_dim: int = FEAT_DIM, max_txt_len: int = 60) -> dict[str, Any]:
     """The batch of one pre-training task (`itm` | `mlm` | `mrfr` | `mrckl`)."""
     if task == "itm":
         return retrieval_batch(batch_size, vocab_size, num_bb, rng, img_dim, max_txt_len)
