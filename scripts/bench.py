@@ -44,12 +44,12 @@ import numpy as np
 import torch
 
 from utils.errors import run_cli
+from utils.region_features import NUM_LABELS
 
 logger = logging.getLogger("bench")
 
 SECTIONS = ("peak", "train", "pretrain", "encode", "search", "ann", "cross", "eval", "loader")
 PRETRAIN_TASKS = ("mlm", "mrfr", "mrckl")
-IMG_LABEL_DIM = 1601
 # Targets of issue 7 on one H100, printed next to the measured figures.
 TARGETS = {
     "train/itm fast mfu": ">= 0.40",
@@ -267,7 +267,7 @@ def task_forward_flops(task: str, batch: dict[str, Any], s: Sizes, padded: bool 
         return (text_tower_flops(txt_lens, s, False, project=False)
                 + image_tower_flops(boxes, s, cls_only, project=False) + head)
     masked = int(batch["img"]["img_masked"].sum())
-    out_dim = s.img_dim if task == "mrfr" else IMG_LABEL_DIM
+    out_dim = s.img_dim if task == "mrfr" else NUM_LABELS
     head = 2.0 * masked * (s.hidden**2 + s.hidden * out_dim)
     return (text_tower_flops(txt_lens, s, cls_only, project=False)
             + image_tower_flops(boxes, s, False, project=False) + head)
