@@ -55,8 +55,6 @@ from utils.distributed import (
     wrap_optimizer,
 )
 from utils.engine.training import (
-    CKPT_DIR,
-    CONFIG_FILE,
     MicroBatch,
     ResumableLoader,
     Trainer,
@@ -73,10 +71,10 @@ from utils.pipeline.model_setup import build_pretrain_model_for_run, check_model
 from utils.pipeline.samplers import make_batch_sampler
 from utils.precision import Precision, resolve_precision
 from utils.rng import derive_seed, seed_everything
+from utils.run_files import CKPT_DIR, CONFIG_FILE, PRETRAIN_FINAL
 
 logger = logging.getLogger("pretrain")
 
-FINAL_CKPT = "model_final.pt"
 
 
 @dataclass
@@ -342,7 +340,7 @@ def main(
                 if cfg.train.save_steps > 0 and (trainer.every(cfg.train.save_steps) or trainer.done):
                     save_model(model, out / CKPT_DIR / f"model_step_{trainer.step}.pt", cfg, trainer.step, env)
                     trainer.save_state()
-            save_model(model, out / CKPT_DIR / FINAL_CKPT, cfg, trainer.step, env)
+            save_model(model, out / CKPT_DIR / PRETRAIN_FINAL, cfg, trainer.step, env)
         finally:
             trainer.close()
         return {"step": trainer.step, "val": val_metrics}

@@ -65,8 +65,6 @@ from utils.config import (
 )
 from utils.distributed import init_distributed, shutdown, wrap_optimizer
 from utils.engine.training import (
-    CKPT_DIR,
-    CONFIG_FILE,
     MicroBatch,
     ResumableLoader,
     Trainer,
@@ -78,7 +76,6 @@ from utils.files import atomic_torch_save, atomic_write_json
 from utils.original_programs import UNITER_TRAIN_ITM
 from utils.pipeline.reranking import (
     CKPT_NAMES,
-    VAL_FILE,
     CrossEncoderScorer,
     check_vocabulary,
     hard_negative_miner,
@@ -96,6 +93,7 @@ from utils.pipeline.retrieval_dir import (
 )
 from utils.precision import resolve_precision
 from utils.rng import seed_everything
+from utils.run_files import CKPT_DIR, CONFIG_FILE, VAL_RESULTS_FILE
 
 logger = logging.getLogger("rerank")
 
@@ -222,7 +220,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         config.train = resolve_run_length(c.train, math.ceil(loader.batches_per_epoch() / accumulation))
         out = Path(c.output_dir)
         resume_from = prepare_output_dir(out, resume=args.resume, overwrite=args.overwrite, env=env,
-                                         extra_artifacts=(VAL_FILE,))
+                                         extra_artifacts=(VAL_RESULTS_FILE,))
         if env.is_main:
             save_config(config, out / CONFIG_FILE)
         if miner is not None and resume_from is None:
@@ -297,7 +295,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         result = {"step": trainer.step, "val": metrics, "best": dict(best),
                   "checkpoint": str((out / CKPT_DIR / CKPT_NAMES[0]).resolve())}
         if env.is_main:
-            atomic_write_json(out / VAL_FILE, result)
+            atomic_write_json(out / VAL_RESULTS_FILE, result)
         return result
     finally:
         shutdown(env)

@@ -47,8 +47,6 @@ from utils.distributed import (
     wrap_optimizer,
 )
 from utils.engine.training import (
-    CKPT_DIR,
-    CONFIG_FILE,
     MicroBatch,
     ResumableLoader,
     Trainer,
@@ -68,12 +66,16 @@ from utils.pipeline.model_setup import build_biencoder_for_run, check_model_path
 from utils.pipeline.samplers import make_batch_sampler
 from utils.precision import Precision, resolve_precision
 from utils.rng import derive_seed, seed_everything
+from utils.run_files import (
+    BIENCODER_BEST,
+    BIENCODER_LAST,
+    CKPT_DIR,
+    CONFIG_FILE,
+    TEST_RESULTS_FILE,
+)
 
 logger = logging.getLogger("train_itm")
 
-TEST_RESULTS = "test_results.json"
-BEST_CKPT = "biencoder.best.pt"
-LAST_CKPT = "biencoder.last.pt"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -203,7 +205,7 @@ def main(
         cfg.train = resolve_run_length(cfg.train, math.ceil(loader.batches_per_epoch() / accumulation))
         # Every input is checked before the output directory is touched.
         resume_from = prepare_output_dir(
-            out, resume=args.resume, overwrite=args.overwrite, env=env, extra_artifacts=(TEST_RESULTS,)
+            out, resume=args.resume, overwrite=args.overwrite, env=env, extra_artifacts=(TEST_RESULTS_FILE,)
         )
         if env.is_main:
             save_config(cfg, out / CONFIG_FILE)
@@ -273,7 +275,7 @@ def _train(
                 trainer.log(metrics, "val")
                 logger.info("step %d: val RSUM %.2f (best %.2f)", trainer.step, metrics["rsum"], max(best.rsum, 0.0))
                 if best.update(metrics, trainer.step):
-                    save_model(model, out / CKPT_DIR / BEST_CKPT, cfg,
+                    save_model(model, out / CKPT_DIR / BIENCODER_BEST, cfg,
                                {"step": trainer.step, "val_rsum": metrics["rsum"]}, env)
             if cfg.train.save_steps == 0:
                 trainer.save_state()
@@ -291,11 +293,11 @@ def _finish(
     out: Path,
 ) -> dict[str, Any]:
     """Save the last model, evaluate the best one on the test split."""
-    save_model(model, out / CKPT_DIR / LAST_CKPT, cfg, {"step": trainer.step}, env)
-    best_path = out / CKPT_DIR / BEST_CKPT
+    save_model(model, out / CKPT_DIR / BIENCODER_LAST, cfg, {"step": trainer.step}, env)
+    best_path = out / CKPT_DIR / BIENCODER_BEST
     results: dict[str, Any] = {"step": trainer.step, "best_step": best.step, "val": best.metrics or None}
     if cfg.data.test_txt_db:
-        checkpoint = best_path if best.step >= 0 else out / CKPT_DIR / LAST_CKPT
+        checkpoint = best_path if best.step >= 0 else out / CKPT_DIR / BIENCODER_LAST
         _barrier_for_file(checkpoint)
         load_biencoder_weights(model, checkpoint)
         test = EvalSplit.open("test", cfg.data.test_txt_db, cfg.data.test_img_db, cfg.data)
@@ -305,7 +307,7 @@ def _finish(
         if env.is_main:
             payload = {"checkpoint": str(checkpoint), "step": best.step if best.step >= 0 else trainer.step,
                        "test_txt_db": cfg.data.test_txt_db, "test_img_db": cfg.data.test_img_db, **metrics}
-            atomic_write_json(out / TEST_RESULTS, payload, indent=2)
+            atomic_write_json(out / TEST_RESULTS_FILE, payload, indent=2)
         logger.info("test: %s", json.dumps(metrics))
     return results
 

@@ -38,6 +38,18 @@ if str(REPO) not in sys.path:
 
 from utils.errors import run_cli
 from utils.files import atomic_write_json
+from utils.run_files import (
+    BIENCODER_BEST,
+    CKPT_DIR,
+    CROSS_ENCODER_BEST,
+    INFO_FILE,
+    PRETRAIN_FINAL,
+    RECALL_FILE,
+    RERANK_FILE,
+    SCORES_FILE,
+    SUMMARY_FILE,
+    TEST_RESULTS_FILE,
+)
 
 logger = logging.getLogger("demo")
 
@@ -155,7 +167,7 @@ class Demo:
         import pretrain
 
         out = self.run_dir / "pretrain"
-        ckpt = out / "ckpt" / "model_final.pt"
+        ckpt = out / CKPT_DIR / PRETRAIN_FINAL
         if self._stage("pre-training (CMR + VMLM + SMRM)", ckpt):
             pretrain.main([
                 "--config", str(DEMO_CONFIGS / "pretrain.yaml"), "--output_dir", str(out), "--overwrite",
@@ -168,19 +180,19 @@ class Demo:
         import inference
 
         out = self.run_dir / name
-        if self._stage(f"evaluation '{name}'", out / "info.json"):
+        if self._stage(f"evaluation '{name}'", out / INFO_FILE):
             inference.main([
                 "--config", str(DEMO_CONFIGS / "finetune.yaml"), "--checkpoint", str(checkpoint),
                 "--output_dir", str(out), f"retrieval.eval_split={split}", *self._data_overrides(),
             ])
-        return {"recall": _read_json(out / "recall.json"), "info": _read_json(out / "info.json")}
+        return {"recall": _read_json(out / RECALL_FILE), "info": _read_json(out / INFO_FILE)}
 
     def finetune(self, pretrained: Path) -> Path:
         import train_itm
 
         out = self.run_dir / "finetune"
-        best = out / "ckpt" / "biencoder.best.pt"
-        if self._stage("fine-tuning", out / "test_results.json"):
+        best = out / CKPT_DIR / BIENCODER_BEST
+        if self._stage("fine-tuning", out / TEST_RESULTS_FILE):
             train_itm.main([
                 "--config", str(DEMO_CONFIGS / "finetune.yaml"), "--output_dir", str(out), "--overwrite",
                 f"model.biencoder_checkpoint={pretrained}",
@@ -193,7 +205,7 @@ class Demo:
         import rerank
 
         out = self.run_dir / "reranker"
-        best = out / "ckpt" / "cross_encoder.best.pt"
+        best = out / CKPT_DIR / CROSS_ENCODER_BEST
         if self._stage("cross-encoder training", best):
             rerank.main([
                 "train", "--config", str(DEMO_CONFIGS / "rerank.yaml"), "--output_dir", str(out), "--overwrite",
@@ -210,7 +222,7 @@ class Demo:
         import rerank
 
         out = self.run_dir / name
-        if self._stage(f"re-ranking '{name}'", out / "rerank.json"):
+        if self._stage(f"re-ranking '{name}'", out / RERANK_FILE):
             out.mkdir(parents=True, exist_ok=True)
             rerank.main([
                 "--config", str(DEMO_CONFIGS / "rerank.yaml"), "--retrieval_dir", str(retrieval_dir),
@@ -218,7 +230,7 @@ class Demo:
                 "--alpha", str(alpha), "--output_dir", str(out), f"retrieval.eval_split={split}",
                 *self._data_overrides(),
             ])
-        return _read_json(out / "rerank.json")
+        return _read_json(out / RERANK_FILE)
 
     def examples(self, index_dir: Path, checkpoint: Path, reranked_dir: Path) -> list[dict[str, Any]]:
         """Two test captions as typed queries: bi-encoder top 3, then the re-ranked top 3."""
@@ -227,7 +239,7 @@ class Demo:
         from data.txt_db import TxtDb
 
         objects = _read_json(self.data_dir / "objects.json")
-        fused = _read_json(reranked_dir / "rerank_scores.json")["text_to_image"]
+        fused = _read_json(reranked_dir / SCORES_FILE)["text_to_image"]
         test_db = TxtDb(str(self.data_dir / "txt_db" / "test"))
         # Captions that bind colours to two objects show what the models must get right.
         chosen: list[str] = []
@@ -347,7 +359,7 @@ def run(run_dir: Path, preset: Preset, fresh: bool, examples: bool = True) -> di
         "alpha": alpha,
         "reranked_before": _row(reranked["before"]),
     }
-    _write_json(run_dir / "summary.json", summary)
+    _write_json(run_dir / SUMMARY_FILE, summary)
     print()
     print(f"Recall (%) on the synthetic test split: {test_counts['images']} images x "
           f"{captions_per_image} captions; re-ranking the top {reranked.get('top_m')} "

@@ -29,8 +29,15 @@ if __package__ in (None, ""):
 
 from utils.errors import DataError, MissingPathError, run_cli
 from utils.files import atomic_write_text
+from utils.run_files import (
+    INFO_FILE,
+    RECALL_FILE,
+    RERANK_FILE,
+    SUMMARY_FILE,
+    TEST_RESULTS_FILE,
+)
 
-RESULT_FILES = ("recall.json", "rerank.json", "test_results.json", "summary.json")
+RESULT_FILES = (RECALL_FILE, RERANK_FILE, TEST_RESULTS_FILE, SUMMARY_FILE)
 DEFAULT_TIMING = ("encode_s", "search_s", "rerank_s")
 DIRECTIONS = ("image_to_text", "text_to_image")
 KS = ("R@1", "R@5", "R@10")
@@ -113,8 +120,8 @@ def rows_from_file(path: Path, label: str) -> list[Row]:
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not a JSON file ({err})") from err
     extra_timing: dict[str, float] = {}
-    info = path.parent / "info.json"
-    if path.name == "recall.json" and info.is_file():
+    info = path.parent / INFO_FILE
+    if path.name == RECALL_FILE and info.is_file():
         extra_timing = _numeric_timing(json.loads(info.read_text()).get("timing"))
     rows = []
     for key_path, recall, timing in find_recall_dicts(data):

@@ -55,6 +55,13 @@ from utils.errors import DataError, UserError
 from utils.files import atomic_torch_save, atomic_write_text
 from utils.precision import Precision
 from utils.rng import capture_rng_state, derive_seed, restore_rng_state
+from utils.run_files import (
+    CKPT_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    STATE_DIR,
+    TENSORBOARD_DIR,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +70,6 @@ LossFn = Callable[[nn.Module, Batch, str], Mapping[str, torch.Tensor]]
 
 STATE_FORMAT = "lightningdot-train-state"
 STATE_FORMAT_VERSION = 1
-STATE_DIR = "train_state"
-CKPT_DIR = "ckpt"
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
-CONFIG_FILE = "config.yaml"
 # What a run writes into its output directory; `--overwrite` removes exactly these.
 RUN_ARTIFACTS = (STATE_DIR, CKPT_DIR, METRICS_FILE, TENSORBOARD_DIR, CONFIG_FILE)
 # Keys of a batch that identify its examples, for error messages.

@@ -27,6 +27,16 @@ from utils.distributed import barrier, init_distributed, shutdown
 from utils.files import atomic_write_json
 from utils.pipeline.evaluation import embed_batch
 from utils.pipeline.retrieval_dir import (
+    caption_image_indices,
+    encode_split,
+    lists_by_id,
+    load_biencoder,
+    open_split,
+    pick_precision,
+    resolve_split,
+    topk_lists,
+)
+from utils.run_files import (
     IDS_FILE,
     IMG_EMB_FILE,
     IMG_INDEX_FILE,
@@ -36,14 +46,6 @@ from utils.pipeline.retrieval_dir import (
     TOPK_FILE,
     TXT_EMB_FILE,
     TXT_INDEX_FILE,
-    caption_image_indices,
-    encode_split,
-    lists_by_id,
-    load_biencoder,
-    open_split,
-    pick_precision,
-    resolve_split,
-    topk_lists,
 )
 from utils.search.indexes import (
     EmbeddingShardWriter,

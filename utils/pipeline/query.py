@@ -13,14 +13,13 @@ from transformers import AutoTokenizer
 from data.txt_db import TxtDb
 from utils.config import ConfigError
 from utils.errors import DataKeyError, MissingPathError
-from utils.pipeline.retrieval_dir import (
+from utils.pipeline.retrieval_dir import load_biencoder, read_json
+from utils.run_files import (
     IDS_FILE,
     IMG_EMB_FILE,
     IMG_INDEX_FILE,
     INFO_FILE,
     TXT_INDEX_FILE,
-    load_biencoder,
-    read_json,
 )
 from utils.search.indexes import load_index
 from utils.search.topk import results_to_lists

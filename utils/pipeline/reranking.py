@@ -31,8 +31,6 @@ from utils.engine.training import to_device
 from utils.files import atomic_write_json
 from utils.pipeline.evaluation import HardNegativeMiner
 from utils.pipeline.retrieval_dir import (
-    IDS_FILE,
-    TOPK_FILE,
     RetrievalDirError,
     Split,
     caption_image_indices,
@@ -40,21 +38,20 @@ from utils.pipeline.retrieval_dir import (
     open_split,
     read_json,
 )
+from utils.run_files import (
+    CROSS_ENCODER_BEST,
+    CROSS_ENCODER_LAST,
+    IDS_FILE,
+    RERANK_FILE,
+    SCORES_FILE,
+    TOPK_FILE,
+)
 from utils.search.metrics import recall_from_candidates
 
 logger = logging.getLogger(__name__)
 
 
-RERANK_FILE = "rerank.json"
-
-
-SCORES_FILE = "rerank_scores.json"
-
-
-CKPT_NAMES = ("cross_encoder.best.pt", "cross_encoder.last.pt")
-
-
-VAL_FILE = "val_results.json"
+CKPT_NAMES = (CROSS_ENCODER_BEST, CROSS_ENCODER_LAST)
 
 
 Pair = tuple[str, str]  # (caption id, image name)

@@ -32,39 +32,22 @@ from utils.config import ConfigError, RunConfig, require_path
 from utils.engine.training import to_device
 from utils.errors import UserError
 from utils.precision import resolve_precision
+from utils.run_files import (
+    IDS_FILE,
+    IMG_EMB_FILE,
+    IMG_INDEX_FILE,
+    INFO_FILE,
+    RECALL_FILE,
+    TOPK_FILE,
+    TXT_EMB_FILE,
+    TXT_INDEX_FILE,
+)
 from utils.search.topk import exact_topk, results_to_lists
 
 logger = logging.getLogger(__name__)
 
 
-INFO_FILE = "info.json"
-
-
-IDS_FILE = "ids.json"
-
-
-TOPK_FILE = "topk.json"
-
-
-RECALL_FILE = "recall.json"
-
-
-IMG_EMB_FILE = "img_emb.npy"
-
-
-TXT_EMB_FILE = "txt_emb.npy"
-
-
-IMG_INDEX_FILE = "img.index"
-
-
-TXT_INDEX_FILE = "txt.index"
-
-
 OUTPUT_FILES = (IMG_EMB_FILE, TXT_EMB_FILE, IDS_FILE, IMG_INDEX_FILE, TXT_INDEX_FILE, TOPK_FILE, RECALL_FILE)
-
-
-SHARD_DIR = "shards"
 
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
