@@ -66,7 +66,12 @@ from utils.engine.training import (
 from utils.errors import run_cli
 from utils.files import atomic_torch_save
 from utils.original_programs import LIGHTNINGDOT_PRETRAIN
-from utils.pipeline.evaluation import EvalSplit, evaluate_recall, open_img_db
+from utils.pipeline.evaluation import (
+    EvalSplit,
+    evaluate_recall,
+    open_img_db,
+    open_txt_db,
+)
 from utils.pipeline.model_setup import build_pretrain_model_for_run, check_model_paths
 from utils.pipeline.samplers import make_batch_sampler
 from utils.precision import Precision, resolve_precision
@@ -149,7 +154,7 @@ def _sampler(task: str, dataset: Any, batch_size: int, cfg: RunConfig, env: Dist
 
 
 def _open_dbs(spec: DatasetSpec, cfg: RunConfig) -> tuple[list[TxtDb], list]:
-    return ([TxtDb(p, cfg.data.max_txt_len) for p in spec.db],
+    return ([open_txt_db(p, cfg.data) for p in spec.db],
             [open_img_db(p, cfg.data) for p in spec.img])
 
 

@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from data.datasets import RetrievalDataset, retrieval_collate
-from data.txt_db import TxtDb
 from model.biencoder import BiEncoder
 from model.checkpoint import load_biencoder_weights, make_checkpoint
 from model.losses import contrastive_loss
@@ -61,6 +60,7 @@ from utils.pipeline.evaluation import (
     HardNegativeMiner,
     evaluate_recall,
     open_img_db,
+    open_txt_db,
 )
 from utils.pipeline.model_setup import build_biencoder_for_run, check_model_paths
 from utils.pipeline.samplers import make_batch_sampler
@@ -187,7 +187,7 @@ def main(
 
     try:
         out = Path(cfg.output_dir)
-        txt_dbs = [TxtDb(p, cfg.data.max_txt_len) for p in cfg.data.train_txt_dbs]
+        txt_dbs = [open_txt_db(p, cfg.data) for p in cfg.data.train_txt_dbs]
         img_dbs = [open_img_db(p, cfg.data) for p in cfg.data.train_img_dbs]
         dataset = RetrievalDataset(txt_dbs, img_dbs)
         sampler = make_batch_sampler(

@@ -9,9 +9,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from model.biencoder import BiEncoder
 from utils.config import DataConfig, TrainConfig
 from utils.distributed import DistEnv, all_gather_no_grad, broadcast_object
 from utils.engine.training import eval_loader, to_device
+from utils.errors import DataError
 from utils.pipeline.samplers import make_batch_sampler
 from utils.precision import Precision
 from utils.search.metrics import recall_from_embeddings
@@ -40,10 +41,44 @@ logger = logging.getLogger(__name__)
 
 
 
-def open_img_db(path: str, data: DataConfig) -> ImgDb:
+class ReadSettings(Protocol):
+    """What changes how a split is read: the caption filter and the box selection (SPEC 1-2).
+
+    The run config's data section and a retrieval directory's split spec both carry them.
+    """
+
+    max_txt_len: int
+    conf_th: float
+    max_bb: int
+    min_bb: int
+    num_bb: int
+    compressed_db: bool
+
+
+def open_txt_db(path: str, settings: ReadSettings) -> TxtDb:
+    """A txt_db with the run's `max_txt_len` filter."""
+    return TxtDb(path, settings.max_txt_len)
+
+
+def open_img_db(path: str, settings: ReadSettings) -> ImgDb:
     """An img_db with the run's box-selection settings."""
-    return ImgDb(path, conf_th=data.conf_th, max_bb=data.max_bb, min_bb=data.min_bb,
-                 num_bb=data.num_bb, compressed=data.compressed_db)
+    return ImgDb(path, conf_th=settings.conf_th, max_bb=settings.max_bb, min_bb=settings.min_bb,
+                 num_bb=settings.num_bb, compressed=settings.compressed_db)
+
+
+def caption_image_indices(txt_db: TxtDb, img_ids: Sequence[str]) -> np.ndarray:
+    """Image row of every caption of `txt_db` (in `txt_db.ids` order) among `img_ids`."""
+    position = {name: i for i, name in enumerate(img_ids)}
+    out = np.empty(len(txt_db.ids), dtype=np.int64)
+    for t, txt_id in enumerate(txt_db.ids):
+        name = txt_db.txt2img[txt_id]
+        if name not in position:
+            raise DataError(
+                f"txt_db {txt_db.db_dir}: caption {txt_id!r} belongs to image {name!r}, which is "
+                f"not a key of img2txts.json"
+            )
+        out[t] = position[name]
+    return out
 
 
 @dataclass
@@ -67,14 +102,13 @@ class EvalSplit:
     @classmethod
     def from_dbs(cls, name: str, txt_db: TxtDb, img_db: ImgDb) -> EvalSplit:
         """Pair an opened txt_db with its img_db."""
-        position = {n: i for i, n in enumerate(txt_db.img_order)}
-        txt2img = np.array([position[txt_db.txt2img[t]] for t in txt_db.ids], dtype=np.int64)
-        return cls(name, txt_db, img_db, list(txt_db.img_order), txt2img)
+        img_names = list(txt_db.img_order)
+        return cls(name, txt_db, img_db, img_names, caption_image_indices(txt_db, img_names))
 
     @classmethod
-    def open(cls, name: str, txt_db_path: str, img_db_path: str, data: DataConfig) -> EvalSplit:
+    def open(cls, name: str, txt_db_path: str, img_db_path: str, settings: ReadSettings) -> EvalSplit:
         """Open a split from its paths with the run's `max_txt_len` and box settings."""
-        return cls.from_dbs(name, TxtDb(txt_db_path, data.max_txt_len), open_img_db(img_db_path, data))
+        return cls.from_dbs(name, open_txt_db(txt_db_path, settings), open_img_db(img_db_path, settings))
 
 
 def embed_batch(model: BiEncoder, batch: Mapping[str, Any], side: str) -> torch.Tensor:

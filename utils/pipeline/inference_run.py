@@ -25,9 +25,8 @@ from data.datasets import (
 from utils.config import ConfigError, RunConfig
 from utils.distributed import barrier, init_distributed, shutdown
 from utils.files import atomic_write_json
-from utils.pipeline.evaluation import embed_batch
+from utils.pipeline.evaluation import caption_image_indices, embed_batch
 from utils.pipeline.retrieval_dir import (
-    caption_image_indices,
     encode_split,
     lists_by_id,
     load_biencoder,

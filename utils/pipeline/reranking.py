@@ -29,11 +29,10 @@ from utils.config import ConfigError, RunConfig, require_path
 from utils.distributed import all_gather_object, all_reduce, world_info
 from utils.engine.training import to_device
 from utils.files import atomic_write_json
-from utils.pipeline.evaluation import HardNegativeMiner
+from utils.pipeline.evaluation import HardNegativeMiner, caption_image_indices
 from utils.pipeline.retrieval_dir import (
     RetrievalDirError,
     Split,
-    caption_image_indices,
     check_retrieval_dir,
     open_split,
     read_json,

@@ -18,8 +18,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from data.img_db import ImgDb
-from data.txt_db import TxtDb
 from model.biencoder import BiEncoder, BiEncoderConfig, build_biencoder
 from model.checkpoint import (
     OUR_FORMATS,
@@ -31,6 +29,7 @@ from model.state_dicts import read_weights
 from utils.config import ConfigError, RunConfig, require_path
 from utils.engine.training import to_device
 from utils.errors import UserError
+from utils.pipeline.evaluation import open_img_db, open_txt_db
 from utils.precision import resolve_precision
 from utils.run_files import (
     IDS_FILE,
@@ -114,26 +113,7 @@ def resolve_split(config: RunConfig) -> Split:
 
 def open_split(split: Split):
     """(TxtDb, ImgDb) of a split."""
-    txt_db = TxtDb(split.txt_db, split.max_txt_len)
-    img_db = ImgDb(
-        split.img_db, split.conf_th, split.max_bb, split.min_bb, split.num_bb, split.compressed_db
-    )
-    return txt_db, img_db
-
-
-def caption_image_indices(txt_db, img_ids: Sequence[str]) -> np.ndarray:
-    """Image row of every caption of `txt_db` (in `txt_db.ids` order)."""
-    position = {name: i for i, name in enumerate(img_ids)}
-    out = np.empty(len(txt_db.ids), dtype=np.int64)
-    for t, txt_id in enumerate(txt_db.ids):
-        name = txt_db.txt2img[txt_id]
-        if name not in position:
-            raise ValueError(
-                f"txt_db {txt_db.db_dir}: caption {txt_id!r} belongs to image {name!r}, which is "
-                f"not a key of img2txts.json"
-            )
-        out[t] = position[name]
-    return out
+    return open_txt_db(split.txt_db, split), open_img_db(split.img_db, split)
 
 
 def check_retrieval_dir(retrieval_dir: str | os.PathLike, split: Split) -> dict[str, Any]:
