@@ -24,17 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from data.datasets import (
-    RetrievalDataset,
-    SmrmDataset,
-    VmlmDataset,
-    retrieval_collate,
-    smrm_collate,
-    vmlm_collate,
-)
 from data.txt_db import TxtDb
 from model.checkpoint import make_checkpoint
-from model.pretrain_heads import TASKS, PretrainModel
+from model.pretrain_heads import PretrainModel
 from optim.optimizer import build_optimizer
 from optim.schedule import build_scheduler, resolve_run_length
 from utils.config import (
@@ -73,6 +65,7 @@ from utils.pipeline.evaluation import (
     open_txt_db,
 )
 from utils.pipeline.model_setup import build_pretrain_model_for_run, check_model_paths
+from utils.pipeline.pretrain_tasks import PRETRAIN_TASKS
 from utils.pipeline.samplers import make_batch_sampler
 from utils.precision import Precision, resolve_precision
 from utils.rng import derive_seed, seed_everything
@@ -130,22 +123,20 @@ def dataset_tasks(spec: DatasetSpec, keep: Sequence[str], key: str) -> list[tupl
             f"{key} ({spec.name!r}): {len(spec.tasks)} tasks but {len(ratios)} mix_ratio entries"
         )
     for task in list(spec.tasks) + list(keep):
-        if task not in TASKS:
-            raise ConfigError(f"{key} ({spec.name!r}): unknown task {task!r}; expected one of {TASKS}")
+        if task not in PRETRAIN_TASKS:
+            raise ConfigError(
+                f"{key} ({spec.name!r}): unknown task {task!r}; expected one of {tuple(PRETRAIN_TASKS)}"
+            )
     return [(t, float(r)) for t, r in zip(spec.tasks, ratios) if not keep or t in keep]
 
 
 def _task_data(task: str, txt_dbs: list[TxtDb], img_dbs: list, cfg: RunConfig, seed: int) -> tuple[Any, Any]:
-    if task == "itm":
-        return RetrievalDataset(txt_dbs, img_dbs), retrieval_collate
-    if task == "mlm":
-        return VmlmDataset(txt_dbs, img_dbs, mask_prob=cfg.data.mask_prob, seed=seed), vmlm_collate
-    return SmrmDataset(txt_dbs, img_dbs, mrm_prob=cfg.data.mrm_prob, seed=seed), smrm_collate
+    spec = PRETRAIN_TASKS[task]
+    return spec.make_dataset(txt_dbs, img_dbs, cfg.data, seed), spec.collate
 
 
 def _sampler(task: str, dataset: Any, batch_size: int, cfg: RunConfig, env: DistEnv, seed: int, shuffle: bool) -> Any:
-    # CMR batches must not hold one image twice (its other captions would be false negatives).
-    distinct = task == "itm"
+    distinct = PRETRAIN_TASKS[task].distinct_images
     return make_batch_sampler(
         dataset.lens, batch_size, cfg.train.batch_size_unit, env, seed=seed, shuffle=shuffle,
         img_names=dataset.img_names if distinct else None,
@@ -196,13 +187,7 @@ def draw_stream(seed: int, step: int, micro: int, ratios: np.ndarray) -> int:
 def pretrain_loss(model: torch.nn.Module, batch: Mapping[str, Any], task: str) -> dict[str, torch.Tensor]:
     """The task's loss plus its accuracy where it has one."""
     out = model(batch, task)
-    metrics = {"loss": out["loss"]}
-    if task == "mlm":
-        metrics["acc"] = out["n_correct"].float() / out["n_masked"].clamp(min=1)
-    elif task == "itm":
-        metrics["acc_t2i"] = out["n_correct_t2i"].float() / out["n_pos"]
-        metrics["acc_i2t"] = out["n_correct_i2t"].float() / out["n_pos"]
-    return metrics
+    return {"loss": out["loss"], **PRETRAIN_TASKS[task].train_metrics(out)}
 
 
 @dataclass
@@ -225,15 +210,11 @@ def build_val_data(cfg: RunConfig, env: DistEnv, pin_memory: bool) -> ValData:
             dataset, collate = _task_data(task, txt_dbs, img_dbs, cfg, seed=cfg.train.seed)
             sampler = _sampler(task, dataset, cfg.train.val_batch_size, cfg, env, cfg.train.seed, shuffle=False)
             loaders.append((task, eval_loader(dataset, collate, sampler, cfg.data.n_workers, pin_memory)))
-        if "itm" in tasks:
+        if any(PRETRAIN_TASKS[t].measures_recall for t in tasks):
             for k, (tdb, idb) in enumerate(zip(txt_dbs, img_dbs)):
                 name = spec.name if len(txt_dbs) == 1 else f"{spec.name}.{k}"
                 splits.append(EvalSplit.from_dbs(name, tdb, idb))
     return ValData(loaders, splits)
-
-
-# Count that weights each task's batch losses into a validation mean.
-_WEIGHT_KEY = {"itm": "n_pos", "mlm": "n_masked", "mrfr": "n_masked", "mrckl": "n_masked"}
 
 
 @torch.no_grad()
@@ -248,19 +229,20 @@ def validate(
             batch = to_device(batch, env.device)
             with precision.autocast():
                 out = model(batch, task)
-            weight = out[_WEIGHT_KEY[task]].float()
+            spec = PRETRAIN_TASKS[task]
+            weight = out[spec.weight_key].float()
             acc = sums.setdefault(task, {})
             for key, value in (("loss", out["loss"].float() * weight), ("n", weight)):
                 acc[key] = acc.get(key, 0.0) + value
-            if task == "mlm":
-                acc["n_correct"] = acc.get("n_correct", 0.0) + out["n_correct"].float()
+            if spec.correct_key is not None:
+                acc["n_correct"] = acc.get("n_correct", 0.0) + out[spec.correct_key].float()
     metrics: dict[str, Any] = {}
     for task in sorted(sums):
         keys = sorted(sums[task])
         reduced = dict(zip(keys, all_reduce(torch.stack([torch.as_tensor(sums[task][k]) for k in keys])).tolist()))
         metrics[f"{task}/loss"] = reduced["loss"] / max(reduced["n"], 1.0)
-        if task == "mlm":
-            metrics["mlm/acc"] = reduced["n_correct"] / max(reduced["n"], 1.0)
+        if "n_correct" in reduced:
+            metrics[f"{task}/acc"] = reduced["n_correct"] / max(reduced["n"], 1.0)
     for split in val.splits:
         metrics[f"recall/{split.name}"] = evaluate_recall(model.bert, split, env, precision, cfg.train, cfg.data)
     model.train()

@@ -183,13 +183,15 @@ class PretrainModel(nn.Module):
             `loss` plus: itm -> `n_correct_t2i`, `n_correct_i2t`, `n_pos`;
             mlm -> `n_correct`, `n_masked`; mrfr / mrckl -> `n_masked`.
         """
-        if task == "itm":
-            return self.forward_itm(batch)
-        if task == "mlm":
-            return self.forward_mlm(batch)
-        if task in ("mrfr", "mrckl"):
-            return self.forward_mrm(batch, task)
-        raise ValueError(f"unknown pre-training task {task!r}; expected one of {TASKS}")
+        heads = {
+            "itm": self.forward_itm,
+            "mlm": self.forward_mlm,
+            "mrfr": lambda b: self.forward_mrm(b, "mrfr"),
+            "mrckl": lambda b: self.forward_mrm(b, "mrckl"),
+        }
+        if task not in heads:
+            raise ValueError(f"unknown pre-training task {task!r}; expected one of {TASKS}")
+        return heads[task](batch)
 
     def forward_itm(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """CMR: contrastive loss on the projected embeddings, negatives gathered globally."""

@@ -1,0 +1,52 @@
+"""The pre-training task registry agrees with the data and the model for every task."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import pretrain
+from data.img_db import ImgDb
+from data.txt_db import TxtDb
+from model.pretrain_heads import TASKS
+from utils.config import ConfigError, DataConfig, DatasetSpec
+from utils.pipeline.pretrain_tasks import PRETRAIN_TASKS, register_task
+
+# Fixtures tiny_data / tiny_models.
+pytest_plugins = ["tests._training_fixtures"]
+
+
+def test_registry_and_model_know_the_same_tasks():
+    assert tuple(PRETRAIN_TASKS) == TASKS
+
+
+@pytest.mark.parametrize("name", list(PRETRAIN_TASKS))
+def test_each_task_batch_runs_through_its_head(name, tiny_data, tiny_models):
+    from utils.config import ModelConfig
+    from utils.pipeline.model_setup import build_pretrain_model_for_run
+
+    task = PRETRAIN_TASKS[name]
+    txt, img = [TxtDb(tiny_data["txt_db"]["train"])], [ImgDb(tiny_data["img_db"])]
+    dataset = task.make_dataset(txt, img, DataConfig(), 0)
+    batch = task.collate([dataset[i] for i in range(4)])
+    torch.manual_seed(0)
+    model = build_pretrain_model_for_run(ModelConfig(txt_model_config=tiny_models["txt"],
+                                                     img_model_config=tiny_models["img"], project_dim=16))
+    out = model(batch, name)
+    assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+    assert out[task.weight_key] > 0
+    if task.correct_key is not None:
+        assert 0 <= out[task.correct_key] <= out[task.weight_key]
+    assert all(torch.isfinite(v) for v in task.train_metrics(out).values())
+
+
+def test_a_registered_task_is_accepted_by_configs():
+    spec = DatasetSpec(name="d", db=["a"], img=["b"], tasks=["itm", "mlm2"], mix_ratio=[1, 1])
+    with pytest.raises(ConfigError, match="unknown task 'mlm2'"):
+        pretrain.dataset_tasks(spec, [], "train_datasets[0]")
+    register_task(dataclasses.replace(PRETRAIN_TASKS["mlm"], name="mlm2"))
+    try:
+        assert pretrain.dataset_tasks(spec, [], "train_datasets[0]") == [("itm", 1.0), ("mlm2", 1.0)]
+    finally:
+        del PRETRAIN_TASKS["mlm2"]
