@@ -76,10 +76,9 @@ from utils.files import atomic_torch_save, atomic_write_json
 from utils.original_programs import UNITER_TRAIN_ITM
 from utils.pipeline.reranking import (
     CKPT_NAMES,
-    CrossEncoderScorer,
+    RERANKERS,
     check_vocabulary,
     hard_negative_miner,
-    load_cross_encoder,
     ranking_eval,
     rerank_retrieval_dir,
 )
@@ -128,6 +127,8 @@ def run_rerank(args: argparse.Namespace) -> dict[str, Any]:
     split = resolve_split(config)
     top_m = args.top_m if args.top_m is not None else config.rerank.top_m
     alpha = args.alpha if args.alpha is not None else config.rerank.alpha
+    if config.rerank.reranker not in RERANKERS:
+        raise ConfigError(f"rerank.reranker: {config.rerank.reranker!r} is not one of {sorted(RERANKERS)}")
     checkpoint = args.reranker_checkpoint or config.model.checkpoint
     if not checkpoint:
         raise ConfigError("no re-ranker: pass --reranker_checkpoint (or set model.checkpoint)")
@@ -136,22 +137,21 @@ def run_rerank(args: argparse.Namespace) -> dict[str, Any]:
     env = init_distributed(config.train.distributed, config.train.device)
     try:
         t0 = time.perf_counter()
-        model, fmt = load_cross_encoder(checkpoint, args.reranker_config or config.model.model_config, config)
         txt_db, img_db = open_split(split)
-        check_vocabulary(model, txt_db, str(checkpoint))
-        model.to(env.device)
         precision = pick_precision(args.precision, config.train.precision, env.device)
+        reranker = RERANKERS[config.rerank.reranker](
+            checkpoint, args.reranker_config or config.model.model_config, config, txt_db, img_db, env.device,
+            precision,
+        )
         load_s = time.perf_counter() - t0
-        scorer = CrossEncoderScorer(model, txt_db, img_db, config.rerank.rerank_batch_size, env.device,
-                                    precision, config.data.n_workers)
         extra = {
-            "reranker_checkpoint": str(Path(checkpoint).resolve()),
-            "reranker_format": fmt,
+            **reranker.describe,
             "device": str(env.device),
             "precision": precision.name,
             "timing": {"load_s": load_s},
         }
-        return rerank_retrieval_dir(args.retrieval_dir, split, scorer, top_m, alpha, output_dir, txt_db, extra)
+        return rerank_retrieval_dir(args.retrieval_dir, split, reranker.scorer, top_m, alpha, output_dir, txt_db,
+                                    extra)
     finally:
         shutdown(env)
 

@@ -174,6 +174,8 @@ class RetrievalConfig:
 class RerankConfig:
     """Second stage: UNITER cross-encoder over the bi-encoder's top-M."""
 
+    # The second stage, by name in utils.pipeline.reranking.RERANKERS.
+    reranker: str = "cross-encoder"
     top_m: int = 20
     alpha: float = 0.0
     rank_loss: Literal["hinge", "softmax"] = "softmax"

@@ -9,6 +9,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ import numpy as np
 import torch
 
 from data.datasets import PairDataset, pair_collate
+from data.img_db import ImgDb
+from data.txt_db import TxtDb
 from model.checkpoint import (
     CROSS_ENCODER_FORMAT,
     OUR_FORMATS,
@@ -156,6 +159,46 @@ class CrossEncoderScorer:
                     )
                 out[rows] = scores.float().cpu().numpy()
         return out
+
+
+@dataclass
+class Reranker:
+    """A second stage ready to score pairs of one split.
+
+    Attributes:
+        scorer: (caption id, image name) pairs -> scores, higher is better.
+        describe: what to record about it in rerank.json (checkpoint, format, ...).
+    """
+
+    scorer: PairScorer
+    describe: dict[str, Any]
+
+
+# Re-rankers by name (`rerank.reranker` of a config): (checkpoint, its model config, run
+# config, the split's txt_db / img_db, device, precision) -> a Reranker. A new re-ranker is a
+# function registered here; anything callable on pairs is a `PairScorer`.
+RerankerFactory = Callable[..., Reranker]
+RERANKERS: dict[str, RerankerFactory] = {}
+
+
+def register_reranker(name: str) -> Callable[[RerankerFactory], RerankerFactory]:
+    """Decorator: make a re-ranker factory selectable as `rerank.reranker: NAME`."""
+    def add(factory: RerankerFactory) -> RerankerFactory:
+        RERANKERS[name] = factory
+        return factory
+    return add
+
+
+@register_reranker("cross-encoder")
+def cross_encoder_reranker(checkpoint: str, model_config: str | None, config: RunConfig, txt_db: TxtDb,
+                           img_db: ImgDb, device: torch.device, precision) -> Reranker:
+    """The UNITER cross-encoder of `checkpoint` (ours, or an original with its JSON config)."""
+    model, fmt = load_cross_encoder(checkpoint, model_config, config)
+    check_vocabulary(model, txt_db, str(checkpoint))
+    model.to(device)
+    scorer = CrossEncoderScorer(model, txt_db, img_db, config.rerank.rerank_batch_size, device, precision,
+                                config.data.n_workers)
+    return Reranker(scorer, {"reranker_checkpoint": str(Path(checkpoint).resolve()), "reranker_format": fmt})
 
 
 def score_pairs_distributed(scorer: PairScorer, pairs: Sequence[Pair]) -> np.ndarray:
