@@ -17,18 +17,14 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from data.txt_db import TxtDb
 from model.checkpoint import make_checkpoint
 from model.pretrain_heads import PretrainModel
-from optim.optimizer import build_optimizer
-from optim.schedule import build_scheduler, resolve_run_length
 from utils.config import (
     ConfigError,
     DatasetSpec,
@@ -37,52 +33,22 @@ from utils.config import (
     config_from_args,
     config_to_dict,
     require_path,
-    save_config,
 )
-from utils.distributed import (
-    DistEnv,
-    all_reduce,
-    init_distributed,
-    shutdown,
-    wrap_optimizer,
-)
-from utils.engine.training import (
-    MicroBatch,
-    ResumableLoader,
-    Trainer,
-    add_run_args,
-    eval_loader,
-    prepare_output_dir,
-    to_device,
-)
+from utils.distributed import DistEnv, init_distributed, shutdown
+from utils.engine.run import after_update
+from utils.engine.training import MicroBatch, add_run_args
 from utils.errors import run_cli
 from utils.files import atomic_torch_save
 from utils.original_programs import LIGHTNINGDOT_PRETRAIN
-from utils.pipeline.evaluation import (
-    EvalSplit,
-    evaluate_recall,
-    open_img_db,
-    open_txt_db,
-)
 from utils.pipeline.model_setup import build_pretrain_model_for_run, check_model_paths
+from utils.pipeline.pretrain_data import build_streams, build_val_data, validate
 from utils.pipeline.pretrain_tasks import PRETRAIN_TASKS
-from utils.pipeline.samplers import make_batch_sampler
-from utils.precision import Precision, resolve_precision
-from utils.rng import derive_seed, seed_everything
-from utils.run_files import CKPT_DIR, CONFIG_FILE, PRETRAIN_FINAL
+from utils.pipeline.training_run import TrainingRun
+from utils.precision import resolve_precision
+from utils.rng import seed_everything
+from utils.run_files import CKPT_DIR, PRETRAIN_FINAL
 
 logger = logging.getLogger("pretrain")
-
-
-
-@dataclass
-class Stream:
-    """One (dataset, task) source of batches."""
-
-    dataset: str
-    task: str
-    ratio: float
-    loader: ResumableLoader
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -113,63 +79,14 @@ def check_paths(cfg: RunConfig) -> None:
     _check_dataset_paths(cfg.data.train_datasets, "train_datasets")
     _check_dataset_paths(cfg.data.val_datasets, "val_datasets")
     check_model_paths(cfg.model, pretrain=True)
-
-
-def dataset_tasks(spec: DatasetSpec, keep: Sequence[str], key: str) -> list[tuple[str, float]]:
-    """(task, mix ratio) pairs of a dataset, restricted to `keep` when it is not empty."""
-    ratios = list(spec.mix_ratio) or [1.0] * len(spec.tasks)
-    if len(ratios) != len(spec.tasks):
-        raise ConfigError(
-            f"{key} ({spec.name!r}): {len(spec.tasks)} tasks but {len(ratios)} mix_ratio entries"
+    if cfg.cross_encoder.checkpoint:
+        # Our earlier configs spelled the pre-training start `model.checkpoint`, which is now
+        # the cross-encoder's (and the original pretrain.py never read `checkpoint`).
+        logger.warning(
+            "cross_encoder.checkpoint (model.checkpoint / checkpoint in older configs) = %s has no "
+            "effect in pre-training; set model.pretrain_checkpoint to start from a pre-training "
+            "checkpoint", cfg.cross_encoder.checkpoint,
         )
-    for task in list(spec.tasks) + list(keep):
-        if task not in PRETRAIN_TASKS:
-            raise ConfigError(
-                f"{key} ({spec.name!r}): unknown task {task!r}; expected one of {tuple(PRETRAIN_TASKS)}"
-            )
-    return [(t, float(r)) for t, r in zip(spec.tasks, ratios) if not keep or t in keep]
-
-
-def _task_data(task: str, txt_dbs: list[TxtDb], img_dbs: list, cfg: RunConfig, seed: int) -> tuple[Any, Any]:
-    spec = PRETRAIN_TASKS[task]
-    return spec.make_dataset(txt_dbs, img_dbs, cfg.data, seed), spec.collate
-
-
-def _sampler(task: str, dataset: Any, batch_size: int, cfg: RunConfig, env: DistEnv, seed: int, shuffle: bool) -> Any:
-    distinct = PRETRAIN_TASKS[task].distinct_images
-    return make_batch_sampler(
-        dataset.lens, batch_size, cfg.train.batch_size_unit, env, seed=seed, shuffle=shuffle,
-        img_names=dataset.img_names if distinct else None,
-        allow_duplicate_images=cfg.data.duplicate_images == "mask",
-    )
-
-
-def _open_dbs(spec: DatasetSpec, cfg: RunConfig) -> tuple[list[TxtDb], list]:
-    return ([open_txt_db(p, cfg.data) for p in spec.db],
-            [open_img_db(p, cfg.data) for p in spec.img])
-
-
-def build_streams(cfg: RunConfig, env: DistEnv, pin_memory: bool) -> list[Stream]:
-    """One resumable loader per (train dataset, kept task)."""
-    streams = []
-    for i, spec in enumerate(cfg.data.train_datasets):
-        tasks = dataset_tasks(spec, cfg.data.pretrain_tasks, f"train_datasets[{i}]")
-        if not tasks:
-            continue
-        txt_dbs, img_dbs = _open_dbs(spec, cfg)
-        for task, ratio in tasks:
-            seed = derive_seed(cfg.train.seed, len(streams))
-            dataset, collate = _task_data(task, txt_dbs, img_dbs, cfg, seed)
-            sampler = _sampler(task, dataset, cfg.train.train_batch_size, cfg, env, seed, shuffle=True)
-            loader = ResumableLoader(dataset, sampler, collate, seed=seed, num_workers=cfg.data.n_workers,
-                                     pin_memory=pin_memory, name=f"{spec.name}/{task}")
-            streams.append(Stream(spec.name, task, ratio, loader))
-    if not streams:
-        raise ConfigError(
-            f"no pre-training task left: data.pretrain_tasks={cfg.data.pretrain_tasks} keeps none of "
-            f"the tasks of train_datasets"
-        )
-    return streams
 
 
 def build_model(cfg: RunConfig) -> PretrainModel:
@@ -188,65 +105,6 @@ def pretrain_loss(model: torch.nn.Module, batch: Mapping[str, Any], task: str) -
     """The task's loss plus its accuracy where it has one."""
     out = model(batch, task)
     return {"loss": out["loss"], **PRETRAIN_TASKS[task].train_metrics(out)}
-
-
-@dataclass
-class ValData:
-    """Validation batches per (dataset, task) and the retrieval splits of the `itm` datasets."""
-
-    loaders: list[tuple[str, Any]]
-    splits: list[EvalSplit]
-
-
-def build_val_data(cfg: RunConfig, env: DistEnv, pin_memory: bool) -> ValData:
-    """Deterministic validation loaders (masks drawn from a fixed seed) and recall splits."""
-    loaders, splits = [], []
-    for i, spec in enumerate(cfg.data.val_datasets):
-        tasks = [t for t, _ in dataset_tasks(spec, cfg.data.pretrain_tasks, f"val_datasets[{i}]")]
-        if not tasks:
-            continue
-        txt_dbs, img_dbs = _open_dbs(spec, cfg)
-        for task in tasks:
-            dataset, collate = _task_data(task, txt_dbs, img_dbs, cfg, seed=cfg.train.seed)
-            sampler = _sampler(task, dataset, cfg.train.val_batch_size, cfg, env, cfg.train.seed, shuffle=False)
-            loaders.append((task, eval_loader(dataset, collate, sampler, cfg.data.n_workers, pin_memory)))
-        if any(PRETRAIN_TASKS[t].measures_recall for t in tasks):
-            for k, (tdb, idb) in enumerate(zip(txt_dbs, img_dbs)):
-                name = spec.name if len(txt_dbs) == 1 else f"{spec.name}.{k}"
-                splits.append(EvalSplit.from_dbs(name, tdb, idb))
-    return ValData(loaders, splits)
-
-
-@torch.no_grad()
-def validate(
-    model: PretrainModel, val: ValData, env: DistEnv, precision: Precision, cfg: RunConfig
-) -> dict[str, Any]:
-    """Per-task losses (example-weighted), VMLM accuracy and recall (every rank calls)."""
-    model.eval()
-    sums: dict[str, dict[str, torch.Tensor]] = {}
-    for task, loader in val.loaders:
-        for batch in loader:
-            batch = to_device(batch, env.device)
-            with precision.autocast():
-                out = model(batch, task)
-            spec = PRETRAIN_TASKS[task]
-            weight = out[spec.weight_key].float()
-            acc = sums.setdefault(task, {})
-            for key, value in (("loss", out["loss"].float() * weight), ("n", weight)):
-                acc[key] = acc.get(key, 0.0) + value
-            if spec.correct_key is not None:
-                acc["n_correct"] = acc.get("n_correct", 0.0) + out[spec.correct_key].float()
-    metrics: dict[str, Any] = {}
-    for task in sorted(sums):
-        keys = sorted(sums[task])
-        reduced = dict(zip(keys, all_reduce(torch.stack([torch.as_tensor(sums[task][k]) for k in keys])).tolist()))
-        metrics[f"{task}/loss"] = reduced["loss"] / max(reduced["n"], 1.0)
-        if "n_correct" in reduced:
-            metrics[f"{task}/acc"] = reduced["n_correct"] / max(reduced["n"], 1.0)
-    for split in val.splits:
-        metrics[f"recall/{split.name}"] = evaluate_recall(model.bert, split, env, precision, cfg.train, cfg.data)
-    model.train()
-    return metrics
 
 
 def save_model(model: PretrainModel, path: Path, cfg: RunConfig, step: int, env: DistEnv) -> None:
@@ -269,8 +127,6 @@ def main(
     args = parse_args(argv)
     cfg = config_from_args(args, LIGHTNINGDOT_PRETRAIN)
     check_paths(cfg)
-    # Pre-training mixes streams by ratio: it has steps, no epochs.
-    cfg.train = resolve_run_length(cfg.train, None)
 
     # ---- device, precision and distribution: every such decision is made here, once ----
     env = init_distributed(cfg.train.distributed, cfg.train.device)
@@ -281,52 +137,39 @@ def main(
     logger.info("device %s, %s, %d rank(s), precision %s", env.device, env.backend, env.world_size, precision.name)
 
     try:
-        out = Path(cfg.output_dir)
-        resume_from = prepare_output_dir(out, resume=args.resume, overwrite=args.overwrite, env=env)
-        if env.is_main:
-            save_config(cfg, out / CONFIG_FILE)
-
+        # Pre-training mixes streams by ratio: it has steps, no epochs.
+        run = TrainingRun.open(cfg, env, batches_per_epoch=None, resume=args.resume, overwrite=args.overwrite)
+        out = run.out
         streams = build_streams(cfg, env, pin_memory)
         ratios = np.array([s.ratio for s in streams], dtype=np.float64)
         val = build_val_data(cfg, env, pin_memory)
         logger.info("streams: %s", ", ".join(f"{s.loader.name} x{s.ratio:g}" for s in streams))
 
         model = build_model(cfg).to(env.device)
-        accumulation = max(1, cfg.train.gradient_accumulation_steps)
-        # Horovod swaps in its own optimizer object: wrap before the scheduler holds it.
-        optimizer = wrap_optimizer(build_optimizer(model, cfg.train), model, env, accumulation)
-        total_steps = cfg.train.num_train_steps
-        scheduler = build_scheduler(optimizer, cfg.train, total_steps)
-        # Dropout and anything else random differs per rank from here on.
-        seed_everything(derive_seed(cfg.train.seed, env.rank))
-
-        trainer = Trainer(
-            model, optimizer, scheduler, precision, env, cfg.train,
-            total_steps=total_steps, output_dir=out, run_config=config_to_dict(cfg),
-            stateful={f"stream{i}:{s.loader.name}": s.loader for i, s in enumerate(streams)},
-            resume_from=resume_from, on_step=on_step,
-        )
+        trainer = run.trainer(model, precision, {f"stream{i}:{s.loader.name}": s.loader for i, s in enumerate(streams)},
+                              on_step=on_step)
         val_metrics: dict[str, Any] = {}
+
+        def validate_now() -> None:
+            nonlocal val_metrics
+            if val.loaders:
+                val_metrics = validate(model, val, env, precision, cfg)
+                trainer.log(val_metrics, "val")
+                logger.info("step %d: validation %s", trainer.step, _summary(val_metrics))
+
+        def save() -> None:
+            save_model(model, out / CKPT_DIR / f"model_step_{trainer.step}.pt", cfg, trainer.step, env)
+            trainer.save_state()
+
         try:
             while not trainer.done:
                 micro_batches = []
-                for micro in range(accumulation):
+                for micro in range(run.accumulation):
                     stream = streams[draw_stream(cfg.train.seed, trainer.step, micro, ratios)]
                     batch = stream.loader.next_batch()
                     micro_batches.append(MicroBatch(stream.task, batch, stream.loader.describe_last()))
                 trainer.train_step(micro_batches, pretrain_loss)
-
-                if trainer.every(cfg.train.valid_steps) or trainer.done:
-                    if val.loaders:
-                        val_metrics = validate(model, val, env, precision, cfg)
-                        trainer.log(val_metrics, "val")
-                        logger.info("step %d: validation %s", trainer.step, _summary(val_metrics))
-                    if cfg.train.save_steps == 0:
-                        save_model(model, out / CKPT_DIR / f"model_step_{trainer.step}.pt", cfg, trainer.step, env)
-                        trainer.save_state()
-                if cfg.train.save_steps > 0 and (trainer.every(cfg.train.save_steps) or trainer.done):
-                    save_model(model, out / CKPT_DIR / f"model_step_{trainer.step}.pt", cfg, trainer.step, env)
-                    trainer.save_state()
+                after_update(trainer, cfg.train, validate_now, save)
             save_model(model, out / CKPT_DIR / PRETRAIN_FINAL, cfg, trainer.step, env)
         finally:
             trainer.close()

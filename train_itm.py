@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -27,8 +26,6 @@ from data.datasets import RetrievalDataset, retrieval_collate
 from model.biencoder import BiEncoder
 from model.checkpoint import load_biencoder_weights, make_checkpoint
 from model.losses import contrastive_loss
-from optim.optimizer import build_optimizer
-from optim.schedule import build_scheduler, resolve_run_length
 from utils.config import (
     ConfigError,
     RunConfig,
@@ -36,22 +33,10 @@ from utils.config import (
     config_from_args,
     config_to_dict,
     require_path,
-    save_config,
 )
-from utils.distributed import (
-    DistEnv,
-    barrier,
-    init_distributed,
-    shutdown,
-    wrap_optimizer,
-)
-from utils.engine.training import (
-    MicroBatch,
-    ResumableLoader,
-    Trainer,
-    add_run_args,
-    prepare_output_dir,
-)
+from utils.distributed import DistEnv, barrier, init_distributed, shutdown
+from utils.engine.run import BestCheckpoint, after_update
+from utils.engine.training import MicroBatch, ResumableLoader, Trainer, add_run_args
 from utils.errors import run_cli
 from utils.files import atomic_torch_save, atomic_write_json
 from utils.original_programs import LIGHTNINGDOT_TRAIN_ITM
@@ -64,18 +49,12 @@ from utils.pipeline.evaluation import (
 )
 from utils.pipeline.model_setup import build_biencoder_for_run, check_model_paths
 from utils.pipeline.samplers import make_batch_sampler
+from utils.pipeline.training_run import TrainingRun
 from utils.precision import Precision, resolve_precision
-from utils.rng import derive_seed, seed_everything
-from utils.run_files import (
-    BIENCODER_BEST,
-    BIENCODER_LAST,
-    CKPT_DIR,
-    CONFIG_FILE,
-    TEST_RESULTS_FILE,
-)
+from utils.rng import seed_everything
+from utils.run_files import BIENCODER_BEST, BIENCODER_LAST, CKPT_DIR, TEST_RESULTS_FILE
 
 logger = logging.getLogger("train_itm")
-
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -112,48 +91,16 @@ def check_paths(cfg: RunConfig) -> None:
 def itm_loss(model: torch.nn.Module, batch: Mapping[str, Any], task: str) -> dict[str, torch.Tensor]:
     """Contrastive loss of a retrieval batch, negatives gathered over all ranks."""
     txt_emb, img_emb = model(batch)
-    out = contrastive_loss(
-        txt_emb,
-        img_emb,
-        num_pos=batch["num_pos"],
-        txt_img_keys=batch["txt_img_keys"],
-        img_keys=batch["img_keys"],
-        mask_duplicates=True,
-    )
-    return {
-        "loss": out.loss,
-        "acc_t2i": out.n_correct_t2i.float() / out.n_pos,
-        "acc_i2t": out.n_correct_i2t.float() / out.n_pos,
-    }
+    out = contrastive_loss(txt_emb, img_emb, num_pos=batch["num_pos"], txt_img_keys=batch["txt_img_keys"],
+                           img_keys=batch["img_keys"], mask_duplicates=True)
+    return {"loss": out.loss, "acc_t2i": out.n_correct_t2i.float() / out.n_pos,
+            "acc_i2t": out.n_correct_i2t.float() / out.n_pos}
 
 
 def build_model(cfg: RunConfig) -> BiEncoder:
     """The initial bi-encoder: identical on every rank, a function of `train.seed` alone."""
     seed_everything(cfg.train.seed)
     return build_biencoder_for_run(cfg.model)
-
-
-class BestScore:
-    """Best validation RSUM so far and its step (saved with the training state)."""
-
-    def __init__(self) -> None:
-        self.rsum = -math.inf
-        self.step = -1
-        self.metrics: dict[str, Any] = {}
-
-    def update(self, metrics: Mapping[str, Any], step: int) -> bool:
-        """Record `metrics` if their RSUM beats the best; True when it does."""
-        if metrics["rsum"] <= self.rsum:
-            return False
-        self.rsum, self.step, self.metrics = float(metrics["rsum"]), step, dict(metrics)
-        return True
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"rsum": self.rsum, "step": self.step, "metrics": json.dumps(self.metrics)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.rsum, self.step = float(state["rsum"]), int(state["step"])
-        self.metrics = json.loads(state["metrics"])
 
 
 def save_model(model: BiEncoder, path: Path, cfg: RunConfig, extra: Mapping[str, Any], env: DistEnv) -> None:
@@ -186,7 +133,6 @@ def main(
     logger.info("device %s, %s, %d rank(s), precision %s", env.device, env.backend, env.world_size, precision.name)
 
     try:
-        out = Path(cfg.output_dir)
         txt_dbs = [open_txt_db(p, cfg.data) for p in cfg.data.train_txt_dbs]
         img_dbs = [open_img_db(p, cfg.data) for p in cfg.data.train_img_dbs]
         dataset = RetrievalDataset(txt_dbs, img_dbs)
@@ -201,32 +147,20 @@ def main(
         rcfg = cfg.retrieval
         miner = HardNegativeMiner(dataset, rcfg.num_hard_negatives, rcfg.hard_negatives_sampling, cfg.train.seed)
 
-        accumulation = max(1, cfg.train.gradient_accumulation_steps)
-        cfg.train = resolve_run_length(cfg.train, math.ceil(loader.batches_per_epoch() / accumulation))
         # Every input is checked before the output directory is touched.
-        resume_from = prepare_output_dir(
-            out, resume=args.resume, overwrite=args.overwrite, env=env, extra_artifacts=(TEST_RESULTS_FILE,)
-        )
-        if env.is_main:
-            save_config(cfg, out / CONFIG_FILE)
-
+        run = TrainingRun.open(cfg, env, batches_per_epoch=loader.batches_per_epoch(), resume=args.resume,
+                               overwrite=args.overwrite, extra_artifacts=(TEST_RESULTS_FILE,))
+        out = run.out
         model = build_model(cfg).to(env.device)
-        # Horovod swaps in its own optimizer object: wrap before the scheduler holds it.
-        optimizer = wrap_optimizer(build_optimizer(model, cfg.train), model, env, accumulation)
-        total_steps = cfg.train.num_train_steps
-        scheduler = build_scheduler(optimizer, cfg.train, total_steps)
-        # Dropout and anything else random differs per rank from here on.
-        seed_everything(derive_seed(cfg.train.seed, env.rank))
 
-        best = BestScore()
-        trainer = Trainer(
-            model, optimizer, scheduler, precision, env, cfg.train,
-            total_steps=total_steps, output_dir=out, run_config=config_to_dict(cfg),
-            stateful={"train_loader": loader, "hard_negatives": miner, "best": best},
-            resume_from=resume_from, on_step=on_step,
-        )
+        def save_best(metrics: Mapping[str, Any], step: int) -> None:
+            save_model(model, out / CKPT_DIR / BIENCODER_BEST, cfg, {"step": step, "val_rsum": metrics["rsum"]}, env)
+
+        best = BestCheckpoint("rsum", save_best)
+        trainer = run.trainer(model, precision, {"train_loader": loader, "hard_negatives": miner, "best": best},
+                              on_step=on_step)
         try:
-            _train(cfg, env, precision, model, trainer, loader, miner, val, best, out, accumulation)
+            _train(cfg, env, precision, model, trainer, loader, miner, val, best, run.accumulation)
             results = _finish(cfg, env, precision, model, trainer, best, out)
         finally:
             trainer.close()
@@ -245,19 +179,17 @@ def _mining_due(cfg: RunConfig, miner: HardNegativeMiner, loader: ResumableLoade
     return loader.at_epoch_start and loader.epoch >= first and miner.mined_epoch != loader.epoch
 
 
-def _train(
-    cfg: RunConfig,
-    env: DistEnv,
-    precision: Precision,
-    model: BiEncoder,
-    trainer: Trainer,
-    loader: ResumableLoader,
-    miner: HardNegativeMiner,
-    val: EvalSplit | None,
-    best: BestScore,
-    out: Path,
-    accumulation: int,
-) -> None:
+def _train(cfg: RunConfig, env: DistEnv, precision: Precision, model: BiEncoder, trainer: Trainer,
+           loader: ResumableLoader, miner: HardNegativeMiner, val: EvalSplit | None, best: BestCheckpoint,
+           accumulation: int) -> None:
+    """The training loop: hard-negative mining when due, updates, then the shared cadence."""
+    def validate() -> None:
+        if val is not None:
+            metrics = evaluate_recall(model, val, env, precision, cfg.train, cfg.data)
+            trainer.log(metrics, "val")
+            logger.info("step %d: val RSUM %.2f (best %.2f)", trainer.step, metrics["rsum"], max(best.value, 0.0))
+            best.update(metrics, trainer.step)
+
     while not trainer.done:
         micro_batches = []
         for _ in range(accumulation):
@@ -268,30 +200,11 @@ def _train(
             batch = loader.next_batch()
             micro_batches.append(MicroBatch("itm", batch, loader.describe_last()))
         trainer.train_step(micro_batches, itm_loss)
-
-        if trainer.every(cfg.train.valid_steps) or trainer.done:
-            if val is not None:
-                metrics = evaluate_recall(model, val, env, precision, cfg.train, cfg.data)
-                trainer.log(metrics, "val")
-                logger.info("step %d: val RSUM %.2f (best %.2f)", trainer.step, metrics["rsum"], max(best.rsum, 0.0))
-                if best.update(metrics, trainer.step):
-                    save_model(model, out / CKPT_DIR / BIENCODER_BEST, cfg,
-                               {"step": trainer.step, "val_rsum": metrics["rsum"]}, env)
-            if cfg.train.save_steps == 0:
-                trainer.save_state()
-        if cfg.train.save_steps > 0 and (trainer.every(cfg.train.save_steps) or trainer.done):
-            trainer.save_state()
+        after_update(trainer, cfg.train, validate)
 
 
-def _finish(
-    cfg: RunConfig,
-    env: DistEnv,
-    precision: Precision,
-    model: BiEncoder,
-    trainer: Trainer,
-    best: BestScore,
-    out: Path,
-) -> dict[str, Any]:
+def _finish(cfg: RunConfig, env: DistEnv, precision: Precision, model: BiEncoder, trainer: Trainer,
+            best: BestCheckpoint, out: Path) -> dict[str, Any]:
     """Save the last model, evaluate the best one on the test split."""
     save_model(model, out / CKPT_DIR / BIENCODER_LAST, cfg, {"step": trainer.step}, env)
     best_path = out / CKPT_DIR / BIENCODER_BEST

@@ -211,7 +211,7 @@ class Demo:
                 "train", "--config", str(DEMO_CONFIGS / "rerank.yaml"), "--output_dir", str(out), "--overwrite",
                 # UNITER-style init from the pre-trained image tower (the paper re-ranks with
                 # a pre-trained UNITER); hard negatives mined with the fine-tuned bi-encoder.
-                f"model.checkpoint={pretrained}",
+                f"cross_encoder.checkpoint={pretrained}",
                 f"model.biencoder_checkpoint={biencoder}",
                 f"num_train_steps={self.preset.rerank_steps}",
                 *self._data_overrides(), *self.preset.overrides,

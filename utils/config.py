@@ -3,8 +3,8 @@
 Two file formats load into the same `RunConfig`:
 
 * our YAML (or JSON) files, nested by section (`model:`, `data:`, `train:`, `retrieval:`,
-  `rerank:`, `output_dir:`), optionally naming a `base:` file (relative to the file) whose
-  values they override;
+  `rerank:`, `cross_encoder:`, `output_dir:`), optionally naming a `base:` file (relative
+  to the file) whose values they override;
 * the original LightningDOT / UNITER JSON run configs, whose keys are flat. Every flat key
   has exactly one home section, so they load unchanged.
 
@@ -44,13 +44,12 @@ class ModelConfig:
     # A local HF model directory or a HF config.json (hub names are refused offline).
     txt_model_config: str = ""
     img_model_config: str = ""
-    # UNITER cross-encoder config (re-ranking).
-    model_config: str | None = None
     img_checkpoint: str | None = None
     txt_checkpoint: str | None = None
     biencoder_checkpoint: str | None = None
-    # Cross-encoder (UNITER) weights for rerank.py; a bi-encoder checkpoint elsewhere.
-    checkpoint: str | None = None
+    # Pre-training: a whole pre-training model (original `model_step_N.pt` or ours), heads
+    # included, loaded last.
+    pretrain_checkpoint: str | None = None
     # Local tokenizer directory; defaults to txt_model_config when that is a directory.
     tokenizer: str | None = None
     project_dim: int = 768
@@ -165,9 +164,6 @@ class RetrievalConfig:
     # COCO 1K protocol: average over 5 folds of 1,000 images.
     coco_1k: bool = False
     eval_split: Literal["val", "test"] = "test"
-    # Cross-encoder training: sampled negatives per positive and hinge margin.
-    negative_size: int = 1
-    margin: float = 0.2
 
 
 @dataclass
@@ -178,8 +174,23 @@ class RerankConfig:
     reranker: str = "cross-encoder"
     top_m: int = 20
     alpha: float = 0.0
-    rank_loss: Literal["hinge", "softmax"] = "softmax"
     rerank_batch_size: int = 256
+
+
+@dataclass
+class CrossEncoderConfig:
+    """The UNITER cross-encoder: what it starts from and how `rerank.py train` trains it."""
+
+    # UNITER weights (pre-trained or ITM fine-tuned, an original file or ours) that training
+    # starts from and re-ranking uses when --reranker_checkpoint is not given.
+    checkpoint: str | None = None
+    # UNITER JSON config of an original checkpoint (ours carry their config).
+    model_config: str | None = None
+    # Sampled negatives per side of each positive pair (UNITER's ITM ranking recipe).
+    negative_size: int = 1
+    # Hinge margin of the `hinge` ranking loss.
+    margin: float = 0.2
+    rank_loss: Literal["hinge", "softmax"] = "softmax"
 
 
 @dataclass
@@ -191,6 +202,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     rerank: RerankConfig = field(default_factory=RerankConfig)
+    cross_encoder: CrossEncoderConfig = field(default_factory=CrossEncoderConfig)
     output_dir: str = "runs/default"
 
 
@@ -200,8 +212,20 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "retrieval": RetrievalConfig,
     "rerank": RerankConfig,
+    "cross_encoder": CrossEncoderConfig,
 }
 TOP_LEVEL_KEYS = ("output_dir",)
+
+# Fields that moved to another section: (old section, field) -> new section. Our earlier
+# YAML files, saved run configs and `section.key=value` overrides still name the old home.
+# (Flat keys need no entry: each names its one home through `flat_key_table`.)
+MOVED_FIELDS: dict[tuple[str, str], str] = {
+    ("model", "checkpoint"): "cross_encoder",
+    ("model", "model_config"): "cross_encoder",
+    ("retrieval", "negative_size"): "cross_encoder",
+    ("retrieval", "margin"): "cross_encoder",
+    ("rerank", "rank_loss"): "cross_encoder",
+}
 
 # Original keys that configured tools we replace (apex, comet, launchers, disabled paths).
 IGNORED_ORIGINAL_KEYS = (
@@ -399,6 +423,17 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         raise ConfigError(f"{where}: missing required key(s) {missing}") from err
 
 
+def _move_fields(nested: dict[str, Any]) -> dict[str, Any]:
+    """`nested` with fields given in their old section (`MOVED_FIELDS`) in their new one."""
+    for (old, name), new in MOVED_FIELDS.items():
+        section = nested.get(old)
+        if isinstance(section, dict) and name in section:
+            nested = {**nested, old: {k: v for k, v in section.items() if k != name}}
+            # A value given in the new home too wins.
+            nested[new] = {name: section[name], **(nested.get(new) or {})}
+    return nested
+
+
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in top.items():
@@ -472,7 +507,7 @@ def _load_nested(path: Path, ignored: set[str], seen: tuple[Path, ...] = ()) -> 
             )
         if key in SECTIONS and not isinstance(data[key], dict):
             raise ConfigError(f"{path}: section {key!r} must be a mapping")
-    return _deep_merge(merged, data)
+    return _deep_merge(merged, _move_fields(data))
 
 
 def _apply_override(nested: dict[str, Any], override: str, ignored: set[str]) -> None:
@@ -488,6 +523,7 @@ def _apply_override(nested: dict[str, Any], override: str, ignored: set[str]) ->
                 f"override {override!r}: unknown section {section!r}{_closest(section, list(SECTIONS))}"
             )
         field_name, _, item = name.partition(".")
+        section = MOVED_FIELDS.get((section, field_name), section)
         if item:
             # A key of a mapping field, e.g. retrieval.index.ef_search=64.
             nested.setdefault(section, {}).setdefault(field_name, {})[item] = value
@@ -609,7 +645,7 @@ def config_to_dict(config: RunConfig) -> dict[str, Any]:
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
     """Rebuild a RunConfig from `config_to_dict` output (e.g. stored in a checkpoint)."""
     kwargs: dict[str, Any] = {}
-    for key, value in data.items():
+    for key, value in _move_fields(data).items():
         if key in SECTIONS:
             kwargs[key] = _build(SECTIONS[key], value, f"{source} [{key}]")
         elif key in TOP_LEVEL_KEYS:

@@ -135,7 +135,7 @@ UNITER_TRAIN_ITM = OriginalProgram(
         "max_txt_len": 60,
     },
     rules=(
-        OriginalRule("rerank.rank_loss", "hinge", (), "the ranking loss is the margin hinge"),
+        OriginalRule("cross_encoder.rank_loss", "hinge", (), "the ranking loss is the margin hinge"),
         OriginalRule("train.decay", "linear", (), "the schedule is linear warm-up then decay"),
         OriginalRule("train.batch_size_unit", "examples", (), "batches count positive pairs"),
         OriginalRule("train.warmup_ratio", 0.0, (), "warm-up is warmup_steps"),

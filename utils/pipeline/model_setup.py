@@ -5,7 +5,7 @@ thing everywhere: `txt_model_config` (local HF directory or BERT config JSON; a 
 weights initialise the text tower), `img_model_config` (image tower config JSON),
 `txt_checkpoint` (BERT weights), `img_checkpoint` (UNITER weights for the image tower),
 `biencoder_checkpoint` (a whole bi-encoder: ours, original fine-tuned or pre-trained), and for
-pre-training `checkpoint` (a whole pre-training model with its heads). Later ones override
+pre-training `pretrain_checkpoint` (a whole pre-training model with its heads). Later ones override
 earlier ones.
 """
 from __future__ import annotations
@@ -35,8 +35,8 @@ def check_model_paths(cfg: ModelConfig, *, pretrain: bool = False) -> None:
     for key in ("txt_checkpoint", "img_checkpoint", "biencoder_checkpoint"):
         if getattr(cfg, key):
             require_path(getattr(cfg, key), key, "file")
-    if pretrain and cfg.checkpoint:
-        require_path(cfg.checkpoint, "checkpoint", "file")
+    if pretrain and cfg.pretrain_checkpoint:
+        require_path(cfg.pretrain_checkpoint, "pretrain_checkpoint", "file")
 
 
 def build_biencoder_for_run(cfg: ModelConfig) -> BiEncoder:
@@ -81,13 +81,13 @@ def build_pretrain_model_for_run(cfg: ModelConfig, mask_duplicates: bool = True)
     """The pre-training model (bi-encoder + VMLM / SMRM heads) of the model section.
 
     Args:
-        cfg: the run config's model section; `checkpoint`, when set, is a pre-training
+        cfg: the run config's model section; `pretrain_checkpoint`, when set, is a pre-training
             checkpoint (original `model_step_N.pt` or ours) loaded last, heads included.
         mask_duplicates: CMR removes other captions of a row's image from its negatives.
     """
     check_model_paths(cfg, pretrain=True)
     model = PretrainModel(build_biencoder_for_run(cfg), mask_duplicates=mask_duplicates)
-    if cfg.checkpoint:
-        load_pretrain_weights(model, cfg.checkpoint)
-        logger.info("pre-training model initialised from %s", cfg.checkpoint)
+    if cfg.pretrain_checkpoint:
+        load_pretrain_weights(model, cfg.pretrain_checkpoint)
+        logger.info("pre-training model initialised from %s", cfg.pretrain_checkpoint)
     return model
