@@ -20,10 +20,10 @@ from model.checkpoint import (
 )
 from model.cross_encoder import CrossEncoderConfig, UniterCrossEncoder
 from model.pretrain_heads import PretrainModel
-from tests import bert_reference as ref
-from tests.bert_reference import TINY_BERT
+from tests import helpers as ref
+from tests.helpers import TINY_BERT, tiny_bert_config
 
-H, LAYERS, V, IMG_DIM = 32, 2, TINY_BERT["vocab_size"], 2048
+H, LAYERS, V, IMG_DIM = TINY_BERT["hidden_size"], TINY_BERT["num_hidden_layers"], TINY_BERT["vocab_size"], 2048
 LAYER_KEYS = [
     f"{name}.{p}"
     for name in (
@@ -271,7 +271,7 @@ def test_errors_name_keys_shapes_and_file(tmp_path) -> None:
     with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): txt_model\.bert\.embeddings\.foo"):
         load_biencoder_weights(new_biencoder(), tmp_path / "extra.pt")
 
-    wide = BiEncoder(BiEncoderConfig(dict(TINY_BERT, hidden_size=48), dict(TINY_BERT, hidden_size=48), 16))
+    wide = BiEncoder(BiEncoderConfig(tiny_bert_config(hidden_size=48), tiny_bert_config(hidden_size=48), 16))
     torch.save({"model_dict": wide.state_dict()}, tmp_path / "wide.pt")
     with pytest.raises(CheckpointError, match=r"wide\.pt: shape mismatch for 'txt_model\.bert\.embeddings\.word_embeddings\.weight'.*expects \[211, 32\], the file has \[211, 48\]"):
         load_biencoder_weights(new_biencoder(), tmp_path / "wide.pt")

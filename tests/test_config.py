@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ORIGINAL_CONFIGS_DIR
+from tests.helpers import ORIGINAL_CONFIGS_DIR
 from utils.config import (
     IGNORED_ORIGINAL_KEYS,
     ConfigError,

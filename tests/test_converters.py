@@ -15,7 +15,7 @@ from data.converters import (
 from data.img_db import ImgDb
 from data.txt_db import TxtDb
 from scripts import build_img_db, build_txt_db
-from tests.conftest_data import leftovers, random_detections, synthetic_tiny  # noqa: F401
+from tests.helpers import leftovers, random_detections
 
 
 def _karpathy(path):
@@ -36,7 +36,7 @@ def _karpathy(path):
 
 
 @pytest.fixture()
-def tok_dir(synthetic_tiny):  # noqa: F811
+def tok_dir(synthetic_tiny):
     return synthetic_tiny["tokenizer"]
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from model.cross_encoder import CrossEncoderConfig, UniterCrossEncoder
-from tests import bert_reference as ref
-from tests.bert_reference import TINY_BERT
+from tests import helpers as ref
+from tests.helpers import TINY_BERT
 
 V = TINY_BERT["vocab_size"]
 

@@ -29,11 +29,11 @@ from data.datasets import (
 from data.img_db import ImgDb, image_key
 from data.samplers import DistinctImageBatchSampler
 from data.txt_db import TxtDb, TxtDbWriter
-from tests.conftest_data import BERT_META, synthetic_tiny  # noqa: F401  (fixture)
+from tests.helpers import BERT_META
 
 
 @pytest.fixture()
-def dbs(synthetic_tiny):  # noqa: F811
+def dbs(synthetic_tiny):
     return TxtDb(synthetic_tiny["txt_db"]["train"]), ImgDb(synthetic_tiny["img_db"])
 
 

@@ -19,15 +19,12 @@ from data.datasets import RetrievalDataset, retrieval_collate
 from data.txt_db import TxtDb
 from optim.optimizer import build_optimizer
 from optim.schedule import build_scheduler
-from tests._training_configs import itm_config, pretrain_config, write_config
+from tests.helpers import itm_config, pretrain_config, write_config
 from utils.config import load_config
 from utils.distributed import DistEnv
 from utils.engine.training import read_metrics
 from utils.pipeline.evaluation import open_img_db
 from utils.pipeline.samplers import make_batch_sampler
-
-# Fixtures tiny_data / small_data / tiny_models.
-pytest_plugins = ["tests._training_fixtures"]
 
 REPO = Path(__file__).resolve().parents[1]
 PER_RANK_BATCH = 4

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import check_topk
 from utils.search.topk import (
     MAX_TRITON_K,
     TopKConfig,
@@ -28,22 +29,6 @@ from utils.search.topk import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def check_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, vals: torch.Tensor, idx: torch.Tensor, tol: float) -> None:
-    """Assert that (vals, idx) is a valid top-k of queries @ keys.T up to `tol`."""
-    ref = queries.to(keys.dtype).double() @ keys.double().t()
-    k_eff = min(k, keys.shape[0])
-    assert vals.shape == idx.shape == (queries.shape[0], k_eff)
-    assert vals.dtype == torch.float32 and idx.dtype == torch.int64
-    assert torch.isfinite(vals).all()
-    assert idx.min() >= 0 and idx.max() < keys.shape[0]
-    for row in idx:
-        assert len(set(row.tolist())) == k_eff, "repeated index in a top-k list"
-    ref_top = ref.topk(k_eff, dim=1).values
-    torch.testing.assert_close(vals.double(), ref_top, atol=tol, rtol=0)
-    torch.testing.assert_close(ref.gather(1, idx), vals.double(), atol=tol, rtol=0)
-    assert (vals[:, 1:] <= vals[:, :-1]).all(), "scores must be sorted best first"
 
 
 @pytest.mark.parametrize(
@@ -111,7 +96,7 @@ _TRITON_SCRIPT = textwrap.dedent(
     import json, sys
     import torch
     sys.path.insert(0, sys.argv[1])
-    from tests.test_fused_topk import check_topk
+    from tests.helpers import check_topk
     from utils.search.topk import TopKConfig, fused_topk, topk_triton
 
     cases = [

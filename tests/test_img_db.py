@@ -20,7 +20,7 @@ from data.img_db import (
     nbb_file_name,
 )
 from data.lmdb_io import CorruptRecordError
-from tests.conftest_data import leftovers, put_raw, random_detections, write_raw_img_db
+from tests.helpers import leftovers, put_raw, random_detections, write_raw_img_db
 
 NBB_FILE = "nbb_th0.2_max100_min10.json"
 FEAT = "feat_th0.2_max100_min10"

@@ -10,11 +10,8 @@ import pytest
 
 import inference
 from model.state_dicts import CheckpointError
-from tests import _inference_fixtures as fixtures
-from tests._inference_fixtures import Workspace
-from tests.conftest import ORIGINAL_CONFIGS_DIR
-from tests.test_metrics import assert_same as assert_same_recall
-from tests.test_metrics import brute_force_recall
+from tests.helpers import ORIGINAL_CONFIGS_DIR, Workspace, brute_force_recall
+from tests.helpers import assert_same as assert_same_recall
 from utils.config import ConfigError
 from utils.search.indexes import FlatIndex, HNSWIndex, IVFPQIndex, load_index
 from utils.search.metrics import fold_recall_from_scores
@@ -22,11 +19,6 @@ from utils.search.metrics import fold_recall_from_scores
 EXPECTED_FILES = {
     "img_emb.npy", "txt_emb.npy", "ids.json", "img.index", "txt.index", "topk.json", "recall.json", "info.json",
 }
-
-# Shared session fixtures (tests/_inference_fixtures.py), bound here so pytest finds them.
-workspace = fixtures.workspace
-retrieval_dir = fixtures.retrieval_dir
-
 
 def run(ws: Workspace, out: Path, *extra: str, checkpoint: Path | None = None, config: Path | None = None) -> dict:
     return inference.main([

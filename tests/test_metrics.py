@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import assert_same, brute_force_recall
 from utils.search.metrics import (
     NO_POSITIVE,
     NOT_FOUND,
@@ -19,55 +20,6 @@ from utils.search.metrics import (
     recall_from_scores,
     text_to_image_ranks,
 )
-
-KS = (1, 5, 10)
-
-
-def brute_force_recall(scores: list[list[float]], txt2img: list[int], n_img: int) -> dict:
-    """SPEC 7 spelled out: count strictly higher scores, one query at a time."""
-    n_txt = len(scores)
-    ir_hits = {k: 0 for k in KS}
-    for t in range(n_txt):
-        mine = scores[t][txt2img[t]]
-        above = 0
-        for j in range(n_img):
-            if scores[t][j] > mine:
-                above += 1
-        for k in KS:
-            if above < k:
-                ir_hits[k] += 1
-    tr_hits = {k: 0 for k in KS}
-    n_queries = 0
-    for i in range(n_img):
-        captions = [t for t in range(n_txt) if txt2img[t] == i]
-        if not captions:
-            continue
-        n_queries += 1
-        for k in KS:
-            found = False
-            for t in captions:
-                above = 0
-                for u in range(n_txt):
-                    if scores[u][i] > scores[t][i]:
-                        above += 1
-                if above < k:
-                    found = True
-            if found:
-                tr_hits[k] += 1
-    ir = {f"R@{k}": 100.0 * ir_hits[k] / n_txt for k in KS}
-    tr = {f"R@{k}": 100.0 * tr_hits[k] / n_queries for k in KS}
-    rsum = sum(ir.values()) + sum(tr.values())
-    return {"text_to_image": ir, "image_to_text": tr, "rsum": rsum, "ar": rsum / 6}
-
-
-def assert_same(a: dict, b: dict) -> None:
-    assert set(a) == {"text_to_image", "image_to_text", "rsum", "ar"}
-    for direction in ("text_to_image", "image_to_text"):
-        assert list(a[direction]) == ["R@1", "R@5", "R@10"]
-        for key in a[direction]:
-            assert a[direction][key] == pytest.approx(b[direction][key], abs=1e-9), (direction, key)
-    assert a["rsum"] == pytest.approx(b["rsum"])
-    assert a["ar"] == pytest.approx(b["ar"])
 
 
 def random_split(rng: np.random.Generator, n_img: int, max_caps: int = 5) -> np.ndarray:

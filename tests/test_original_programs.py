@@ -20,7 +20,7 @@ import train_itm
 from data.synthetic import SyntheticConfig, generate, vocabulary
 from optim.optimizer import build_optimizer
 from optim.schedule import build_scheduler, resolve_run_length
-from tests._training_configs import tiny_bert_config
+from tests.helpers import tiny_bert_config
 from utils.config import ConfigError, TrainConfig, load_config
 from utils.engine.training import read_metrics
 from utils.original_programs import UNITER_TRAIN_ITM
@@ -89,7 +89,7 @@ def test_rerank_train_fills_what_the_file_leaves_out(tmp_path):
     assert (t.train_batch_size, t.gradient_accumulation_steps, t.learning_rate) == (128, 16, 3e-5)
     assert (t.optim, t.betas, t.adam_eps, t.weight_decay, t.grad_norm) == ("adam", [0.9, 0.98], 1e-8, 0.01, 0.25)
     assert (t.num_train_steps, t.warmup_steps, t.valid_steps, t.batch_size_unit) == (100000, 4000, 1000, "examples")
-    assert (cfg.rerank.rank_loss, cfg.retrieval.negative_size, cfg.retrieval.margin) == ("hinge", 1, 0.2)
+    assert (cfg.cross_encoder.rank_loss, cfg.cross_encoder.negative_size, cfg.cross_encoder.margin) == ("hinge", 1, 0.2)
     assert (cfg.model.dropout, cfg.data.max_txt_len) == (0.1, 60)
 
 
@@ -161,8 +161,8 @@ def sixteen_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def _original_finetuning(data: dict[str, Any], folder: Path, seed: int) -> tuple[dict, list[float]]:
     """Fine-tune from an ORIGINAL flat config: tiny towers, dropout 0.1, init 0.02, 44 epochs."""
-    tower = {**tiny_bert_config(len(vocabulary()), dropout=0.1), "hidden_size": 64, "intermediate_size": 128,
-             "initializer_range": 0.02}
+    tower = tiny_bert_config(len(vocabulary()), hidden_size=64, intermediate_size=128, dropout=0.1,
+                             initializer_range=0.02)
     folder.mkdir(parents=True, exist_ok=True)
     tower_path = _write_json(folder / "tower.json", tower)
     flat = {"txt_model_config": str(tower_path), "img_model_config": str(tower_path), "project_dim": 16,

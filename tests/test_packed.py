@@ -25,20 +25,13 @@ from model.packed import (
     varlen_layout,
 )
 from model.pretrain_heads import PretrainModel
+from tests.helpers import tiny_bert_config
 from utils.pipeline.bench_batches import task_batch
 
 ATOL = 1e-5
-SMALL_BERT = {
-    "hidden_size": 48,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "intermediate_size": 96,
-    "vocab_size": 300,
-    "max_position_embeddings": 80,
-    "type_vocab_size": 2,
-    "hidden_act": "gelu",
-    "initializer_range": 0.05,
-}
+# Larger than the other tests' tower: three layers and four heads exercise more of the packing.
+SMALL_BERT = tiny_bert_config(300, hidden_size=48, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
+                              max_position_embeddings=80, initializer_range=0.05)
 
 
 def small_biencoder(
@@ -322,8 +315,7 @@ def test_run_config_chooses_the_execution(tmp_path: Path) -> None:
     from utils.config import ModelConfig
     from utils.pipeline.model_setup import build_biencoder_for_run
 
-    tower = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
-             "max_position_embeddings": 32, "type_vocab_size": 2, "vocab_size": 120}
+    tower = tiny_bert_config(120, hidden_size=16, num_hidden_layers=1, intermediate_size=32, max_position_embeddings=32)
     (tmp_path / "tower.json").write_text(json.dumps(tower))
     path = str(tmp_path / "tower.json")
     assert ModelConfig().execution == "packed"

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from model.biencoder import BiEncoder, BiEncoderConfig
 from model.losses import contrastive_loss
 from model.pretrain_heads import PretrainModel
-from tests import bert_reference as ref
-from tests.bert_reference import TINY_BERT, gelu, layer_norm
+from tests import helpers as ref
+from tests.helpers import TINY_BERT, gelu, layer_norm, tiny_bert_config
 
 V = TINY_BERT["vocab_size"]
 
@@ -204,6 +204,6 @@ def test_state_dict_has_original_pretrain_keys_and_rejects_unknown_task() -> Non
 
 
 def test_mismatched_towers_refused() -> None:
-    other = dict(TINY_BERT, vocab_size=300)
+    other = tiny_bert_config(300)
     with pytest.raises(ValueError, match="vocabularies"):
         PretrainModel(BiEncoder(BiEncoderConfig(other, dict(TINY_BERT), 8)))

@@ -11,15 +11,12 @@ from model.checkpoint import (
     build_biencoder_from_checkpoint,
     build_pretrain_model_from_checkpoint,
 )
-from tests._training_configs import pretrain_config, write_config
-from tests.conftest import ORIGINAL_CONFIGS_DIR
+from tests.helpers import ORIGINAL_CONFIGS_DIR, pretrain_config, write_config
 from utils.config import ConfigError, load_config
 from utils.distributed import init_distributed
 from utils.engine.training import list_states, read_metrics
+from utils.pipeline.pretrain_data import dataset_tasks
 from utils.precision import resolve_precision
-
-# Fixtures tiny_data / small_data / tiny_models.
-pytest_plugins = ["tests._training_fixtures"]
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = ORIGINAL_CONFIGS_DIR / "lightningdot"
@@ -137,7 +134,7 @@ def test_paper_config_and_ablations(tmp_path, monkeypatch):
     for name, tasks in expected_tasks.items():
         cfg = load_config(f"configs/pretrain/{name}.yaml")
         for spec in cfg.data.train_datasets:
-            kept = pretrain.dataset_tasks(spec, cfg.data.pretrain_tasks, spec.name)
+            kept = dataset_tasks(spec, cfg.data.pretrain_tasks, spec.name)
             assert kept == [(t, float(r)) for t, r in zip(spec.tasks, PAPER_RATIOS[spec.name]) if t in tasks]
         assert cfg.model.cls_concat == {"cls_concat_multiply": "multiply", "cls_concat_none": "none"}.get(name, "add")
         with pytest.raises(FileNotFoundError, match=r"train_datasets\[0\]\.db\[0\]"):

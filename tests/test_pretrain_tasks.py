@@ -6,15 +6,12 @@ import dataclasses
 import pytest
 import torch
 
-import pretrain
 from data.img_db import ImgDb
 from data.txt_db import TxtDb
 from model.pretrain_heads import TASKS
 from utils.config import ConfigError, DataConfig, DatasetSpec
+from utils.pipeline.pretrain_data import dataset_tasks
 from utils.pipeline.pretrain_tasks import PRETRAIN_TASKS, register_task
-
-# Fixtures tiny_data / tiny_models.
-pytest_plugins = ["tests._training_fixtures"]
 
 
 def test_registry_and_model_know_the_same_tasks():
@@ -44,9 +41,9 @@ def test_each_task_batch_runs_through_its_head(name, tiny_data, tiny_models):
 def test_a_registered_task_is_accepted_by_configs():
     spec = DatasetSpec(name="d", db=["a"], img=["b"], tasks=["itm", "mlm2"], mix_ratio=[1, 1])
     with pytest.raises(ConfigError, match="unknown task 'mlm2'"):
-        pretrain.dataset_tasks(spec, [], "train_datasets[0]")
+        dataset_tasks(spec, [], "train_datasets[0]")
     register_task(dataclasses.replace(PRETRAIN_TASKS["mlm"], name="mlm2"))
     try:
-        assert pretrain.dataset_tasks(spec, [], "train_datasets[0]") == [("itm", 1.0), ("mlm2", 1.0)]
+        assert dataset_tasks(spec, [], "train_datasets[0]") == [("itm", 1.0), ("mlm2", 1.0)]
     finally:
         del PRETRAIN_TASKS["mlm2"]

@@ -11,9 +11,7 @@ import torch
 
 import rerank
 from model.state_dicts import CheckpointError
-from tests import _inference_fixtures as fixtures
-from tests._inference_fixtures import Workspace
-from tests.conftest import ORIGINAL_CONFIGS_DIR
+from tests.helpers import ORIGINAL_CONFIGS_DIR, Workspace
 from utils.config import ConfigError, load_config
 from utils.engine.training import OutputDirError
 from utils.pipeline import reranking
@@ -22,10 +20,6 @@ from utils.pipeline.retrieval_dir import (
     load_biencoder,
     resolve_split,
 )
-
-# Shared session fixtures (tests/_inference_fixtures.py), bound here so pytest finds them.
-workspace = fixtures.workspace
-retrieval_dir = fixtures.retrieval_dir
 
 
 class GroundTruthScorer:
@@ -176,7 +170,7 @@ def test_original_uniter_itm_config_loads_and_names_the_missing_path(tmp_path):
     config = ORIGINAL_CONFIGS_DIR / "uniter" / "train-itm-flickr-base-8gpu.json"
     with pytest.raises(FileNotFoundError, match="data.test_txt_db"):
         rerank.main(["--config", str(config), "--retrieval_dir", str(tmp_path), "--reranker_checkpoint", "x.pt"])
-    with pytest.raises(FileNotFoundError, match="model.checkpoint.*/pretrain/uniter-base.pt"):
+    with pytest.raises(FileNotFoundError, match="cross_encoder.checkpoint.*/pretrain/uniter-base.pt"):
         rerank.main(["train", "--config", str(config), "--output_dir", str(tmp_path / "run"),
                      "model_config=" + str(config)])
     assert not (tmp_path / "run").exists()

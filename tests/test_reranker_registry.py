@@ -8,13 +8,8 @@ import numpy as np
 import pytest
 
 import rerank
-from tests import _inference_fixtures as fixtures
 from utils.config import ConfigError
 from utils.pipeline.reranking import RERANKERS, Reranker, register_reranker
-
-# Shared session fixtures (tests/_inference_fixtures.py), bound here so pytest finds them.
-workspace = fixtures.workspace
-retrieval_dir = fixtures.retrieval_dir
 
 
 def test_a_registered_reranker_runs_through_the_cli(workspace, retrieval_dir, tmp_path):

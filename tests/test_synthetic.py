@@ -22,10 +22,9 @@ from data.synthetic import (
 )
 from data.txt_db import TxtDb
 from scripts import make_synthetic
-from tests.conftest_data import synthetic_tiny  # noqa: F401  (fixture)
 
 
-def test_layout_and_readers(synthetic_tiny):  # noqa: F811
+def test_layout_and_readers(synthetic_tiny):
     m = synthetic_tiny
     assert m["counts"]["test"] == {"images": TINY.num_test, "captions": 5 * TINY.num_test}
     idb = ImgDb(m["img_db"], **{k: v for k, v in m["img_db_args"].items()})
@@ -46,7 +45,7 @@ def test_layout_and_readers(synthetic_tiny):  # noqa: F811
     assert not os.path.exists(os.path.join(m["root"], "npz"))
 
 
-def test_tokenizer_loads_offline_and_covers_the_grammar(synthetic_tiny):  # noqa: F811
+def test_tokenizer_loads_offline_and_covers_the_grammar(synthetic_tiny):
     from transformers import BertTokenizerFast
 
     tok = BertTokenizerFast.from_pretrained(synthetic_tiny["tokenizer"], local_files_only=True)
@@ -58,7 +57,7 @@ def test_tokenizer_loads_offline_and_covers_the_grammar(synthetic_tiny):  # noqa
     assert tok.unk_token_id not in tok("zebra", add_special_tokens=False)["input_ids"]
 
 
-def test_features_and_labels_carry_the_object_structure(synthetic_tiny):  # noqa: F811
+def test_features_and_labels_carry_the_object_structure(synthetic_tiny):
     m = synthetic_tiny
     idb = ImgDb(m["img_db"])
     objects = json.loads(Path(m["objects"]).read_text())

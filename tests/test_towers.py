@@ -9,8 +9,8 @@ import torch
 from model.biencoder import BiEncoder, BiEncoderConfig, build_biencoder
 from model.cross_encoder import UniterCrossEncoder
 from model.towers import UniterImageEmbeddings
-from tests import bert_reference as ref
-from tests.bert_reference import TINY_BERT
+from tests import helpers as ref
+from tests.helpers import TINY_BERT
 
 ATOL = 1e-5
 

@@ -9,8 +9,7 @@ import pytest
 
 import train_itm
 from model.checkpoint import build_biencoder_from_checkpoint, read_checkpoint
-from tests._training_configs import itm_config, write_config
-from tests.conftest import ORIGINAL_CONFIGS_DIR
+from tests.helpers import ORIGINAL_CONFIGS_DIR, itm_config, write_config
 from utils.config import ConfigError, load_config
 from utils.engine.training import (
     NonFiniteLossError,
@@ -18,9 +17,6 @@ from utils.engine.training import (
     list_states,
     read_metrics,
 )
-
-# Fixtures tiny_data / small_data / tiny_models.
-pytest_plugins = ["tests._training_fixtures"]
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = ORIGINAL_CONFIGS_DIR / "lightningdot"

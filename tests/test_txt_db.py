@@ -12,7 +12,7 @@ import pytest
 
 from data.lmdb_io import CorruptRecordError
 from data.txt_db import TxtDb, TxtDbWriter
-from tests.conftest_data import BERT_META, leftovers, put_raw, write_raw_txt_db
+from tests.helpers import BERT_META, leftovers, put_raw, write_raw_txt_db
 
 
 def _rec(ids: list[int], img: str, **extra) -> dict:

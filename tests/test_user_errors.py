@@ -17,16 +17,10 @@ import pytest
 
 import inference
 import train_itm
-from tests import _inference_fixtures as fixtures
-from tests._training_configs import itm_config, write_config
-from tests.conftest_data import put_raw
+from tests.helpers import itm_config, put_raw, write_config
 from utils.errors import DEBUG_ENV, DataError, UserError, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
-
-# Shared session fixture (tests/_inference_fixtures.py), bound here so pytest finds them.
-workspace = fixtures.workspace
-
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != DEBUG_ENV}
