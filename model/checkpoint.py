@@ -53,7 +53,6 @@ __all__ = [
     "load_text_tower_weights",
     "make_checkpoint",
     "read_checkpoint",
-    "save_checkpoint",
 ]
 
 BIENCODER_FORMAT = "lightningdot-biencoder"
@@ -127,16 +126,6 @@ def make_checkpoint(
         "model": model.state_dict(),
         "extra": dict(extra or {}),
     }
-
-
-def save_checkpoint(
-    model: BiEncoder | PretrainModel | UniterCrossEncoder,
-    path: PathLike,
-    run_config: Mapping[str, Any] | None = None,
-    extra: Mapping[str, Any] | None = None,
-) -> None:
-    """Write `make_checkpoint(model, run_config, extra)` to `path` with `torch.save`."""
-    torch.save(make_checkpoint(model, run_config, extra), path)
 
 
 def read_checkpoint(path: PathLike) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -441,7 +442,6 @@ def build_workspace(root: Path) -> Workspace:
     """Generate data, configs and checkpoints under `root` (idempotent for the data)."""
     from data.synthetic import TINY, generate
     from model.biencoder import build_biencoder
-    from model.checkpoint import save_checkpoint
     from model.cross_encoder import build_cross_encoder
 
     root.mkdir(parents=True, exist_ok=True)
@@ -598,3 +598,13 @@ def check_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, vals: torch.Te
     torch.testing.assert_close(vals.double(), ref_top, atol=tol, rtol=0)
     torch.testing.assert_close(ref.gather(1, idx), vals.double(), atol=tol, rtol=0)
     assert (vals[:, 1:] <= vals[:, :-1]).all(), "scores must be sorted best first"
+
+
+def save_checkpoint(model: Any, path: Any, run_config: Mapping[str, Any] | None = None,
+                    extra: Mapping[str, Any] | None = None) -> None:
+    """Write our checkpoint of `model` to `path` (what the trainers write, without a run)."""
+    import torch
+
+    from model.checkpoint import make_checkpoint
+
+    torch.save(make_checkpoint(model, run_config, extra), path)

@@ -16,12 +16,11 @@ from model.checkpoint import (
     load_pretrain_weights,
     load_text_tower_weights,
     read_checkpoint,
-    save_checkpoint,
 )
 from model.cross_encoder import CrossEncoderConfig, UniterCrossEncoder
 from model.pretrain_heads import PretrainModel
 from tests import helpers as ref
-from tests.helpers import TINY_BERT, tiny_bert_config
+from tests.helpers import TINY_BERT, save_checkpoint, tiny_bert_config
 
 H, LAYERS, V, IMG_DIM = TINY_BERT["hidden_size"], TINY_BERT["num_hidden_layers"], TINY_BERT["vocab_size"], 2048
 LAYER_KEYS = [

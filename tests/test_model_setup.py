@@ -15,9 +15,8 @@ import torch
 from torch import nn
 
 from model.biencoder import BiEncoder, BiEncoderConfig
-from model.checkpoint import save_checkpoint
 from model.pretrain_heads import PretrainModel
-from tests.helpers import randomize_, tiny_bert_config
+from tests.helpers import randomize_, save_checkpoint, tiny_bert_config
 from utils.config import ModelConfig
 from utils.errors import MissingPathError
 from utils.pipeline.model_setup import (

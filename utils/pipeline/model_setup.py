@@ -13,12 +13,7 @@ from __future__ import annotations
 import logging
 
 from model.biencoder import BiEncoder, build_biencoder
-from model.checkpoint import (
-    load_biencoder_weights,
-    load_image_tower_from_uniter,
-    load_pretrain_weights,
-    load_text_tower_weights,
-)
+from model.checkpoint import initialise_biencoder, load_pretrain_weights
 from model.pretrain_heads import PretrainModel
 from utils.config import ModelConfig, require_path
 from utils.errors import MissingPathError
@@ -65,15 +60,10 @@ def build_biencoder_for_run(cfg: ModelConfig) -> BiEncoder:
         fix_img_encoder=cfg.fix_img_encoder,
         execution=cfg.execution,
     )
-    if cfg.txt_checkpoint:
-        load_text_tower_weights(model, cfg.txt_checkpoint)
-        logger.info("text tower initialised from %s", cfg.txt_checkpoint)
-    if cfg.img_checkpoint:
-        load_image_tower_from_uniter(model, cfg.img_checkpoint)
-        logger.info("image tower initialised from %s", cfg.img_checkpoint)
-    if cfg.biencoder_checkpoint:
-        load_biencoder_weights(model, cfg.biencoder_checkpoint)
-        logger.info("bi-encoder initialised from %s", cfg.biencoder_checkpoint)
+    initialise_biencoder(model, cfg.txt_checkpoint, cfg.img_checkpoint, cfg.biencoder_checkpoint)
+    for key in ("txt_checkpoint", "img_checkpoint", "biencoder_checkpoint"):
+        if getattr(cfg, key):
+            logger.info("model.%s: loaded %s", key, getattr(cfg, key))
     return model
 
 
