@@ -17,13 +17,11 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from model.checkpoint import make_checkpoint
 from model.pretrain_heads import PretrainModel
 from utils.config import (
     ConfigError,
@@ -31,19 +29,17 @@ from utils.config import (
     RunConfig,
     add_config_args,
     config_from_args,
-    config_to_dict,
     require_path,
 )
-from utils.distributed import DistEnv, init_distributed, shutdown
+from utils.distributed import init_distributed, shutdown
 from utils.engine.run import after_update
 from utils.engine.training import MicroBatch, add_run_args
 from utils.errors import run_cli
-from utils.files import atomic_torch_save
 from utils.original_programs import LIGHTNINGDOT_PRETRAIN
 from utils.pipeline.model_setup import build_pretrain_model_for_run, check_model_paths
 from utils.pipeline.pretrain_data import build_streams, build_val_data, validate
 from utils.pipeline.pretrain_tasks import PRETRAIN_TASKS
-from utils.pipeline.training_run import TrainingRun
+from utils.pipeline.training_run import TrainingRun, save_model
 from utils.precision import resolve_precision
 from utils.rng import seed_everything
 from utils.run_files import CKPT_DIR, PRETRAIN_FINAL
@@ -107,12 +103,6 @@ def pretrain_loss(model: torch.nn.Module, batch: Mapping[str, Any], task: str) -
     return {"loss": out["loss"], **PRETRAIN_TASKS[task].train_metrics(out)}
 
 
-def save_model(model: PretrainModel, path: Path, cfg: RunConfig, step: int, env: DistEnv) -> None:
-    """Our self-describing checkpoint (model config + run config + weights), rank 0 only."""
-    if env.is_main:
-        atomic_torch_save(make_checkpoint(model, config_to_dict(cfg), {"step": step}), path)
-
-
 def main(
     argv: list[str] | None = None,
     *,
@@ -158,7 +148,7 @@ def main(
                 logger.info("step %d: validation %s", trainer.step, _summary(val_metrics))
 
         def save() -> None:
-            save_model(model, out / CKPT_DIR / f"model_step_{trainer.step}.pt", cfg, trainer.step, env)
+            save_model(model, out / CKPT_DIR / f"model_step_{trainer.step}.pt", cfg, {"step": trainer.step}, env)
             trainer.save_state()
 
         try:
@@ -170,7 +160,7 @@ def main(
                     micro_batches.append(MicroBatch(stream.task, batch, stream.loader.describe_last()))
                 trainer.train_step(micro_batches, pretrain_loss)
                 after_update(trainer, cfg.train, validate_now, save)
-            save_model(model, out / CKPT_DIR / PRETRAIN_FINAL, cfg, trainer.step, env)
+            save_model(model, out / CKPT_DIR / PRETRAIN_FINAL, cfg, {"step": trainer.step}, env)
         finally:
             trainer.close()
         return {"step": trainer.step, "val": val_metrics}

@@ -24,21 +24,20 @@ import torch
 
 from data.datasets import RetrievalDataset, retrieval_collate
 from model.biencoder import BiEncoder
-from model.checkpoint import load_biencoder_weights, make_checkpoint
+from model.checkpoint import load_biencoder_weights
 from model.losses import contrastive_loss
 from utils.config import (
     ConfigError,
     RunConfig,
     add_config_args,
     config_from_args,
-    config_to_dict,
     require_path,
 )
 from utils.distributed import DistEnv, barrier, init_distributed, shutdown
 from utils.engine.run import BestCheckpoint, after_update
 from utils.engine.training import MicroBatch, ResumableLoader, Trainer, add_run_args
 from utils.errors import run_cli
-from utils.files import atomic_torch_save, atomic_write_json
+from utils.files import atomic_write_json
 from utils.original_programs import LIGHTNINGDOT_TRAIN_ITM
 from utils.pipeline.evaluation import (
     EvalSplit,
@@ -49,7 +48,7 @@ from utils.pipeline.evaluation import (
 )
 from utils.pipeline.model_setup import build_biencoder_for_run, check_model_paths
 from utils.pipeline.samplers import make_batch_sampler
-from utils.pipeline.training_run import TrainingRun
+from utils.pipeline.training_run import TrainingRun, save_model
 from utils.precision import Precision, resolve_precision
 from utils.rng import seed_everything
 from utils.run_files import BIENCODER_BEST, BIENCODER_LAST, CKPT_DIR, TEST_RESULTS_FILE
@@ -101,12 +100,6 @@ def build_model(cfg: RunConfig) -> BiEncoder:
     """The initial bi-encoder: identical on every rank, a function of `train.seed` alone."""
     seed_everything(cfg.train.seed)
     return build_biencoder_for_run(cfg.model)
-
-
-def save_model(model: BiEncoder, path: Path, cfg: RunConfig, extra: Mapping[str, Any], env: DistEnv) -> None:
-    """Our self-describing checkpoint (model config + run config + weights), rank 0 only."""
-    if env.is_main:
-        atomic_torch_save(make_checkpoint(model, config_to_dict(cfg), extra), path)
 
 
 def main(

@@ -40,7 +40,6 @@ from utils.search.topk import exact_topk
 logger = logging.getLogger(__name__)
 
 
-
 class ReadSettings(Protocol):
     """What changes how a split is read: the caption filter and the box selection (SPEC 1-2).
 

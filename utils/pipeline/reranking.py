@@ -36,7 +36,12 @@ from utils.distributed import all_gather_object, all_reduce, world_info
 from utils.engine.run import BestCheckpoint, after_update
 from utils.engine.training import MicroBatch, ResumableLoader, eval_loader, to_device
 from utils.files import atomic_torch_save, atomic_write_json
-from utils.pipeline.evaluation import HardNegativeMiner, caption_image_indices
+from utils.pipeline.evaluation import (
+    HardNegativeMiner,
+    caption_image_indices,
+    open_img_db,
+    open_txt_db,
+)
 from utils.pipeline.retrieval_dir import (
     RetrievalDirError,
     Split,
@@ -63,16 +68,8 @@ from utils.search.metrics import recall_from_candidates
 
 logger = logging.getLogger(__name__)
 
-
-CKPT_NAMES = (CROSS_ENCODER_BEST, CROSS_ENCODER_LAST)
-
-
 Pair = tuple[str, str]  # (caption id, image name)
-
-
 PairScorer = Callable[[Sequence[Pair]], np.ndarray]
-
-
 Candidates = dict[str, list[tuple[str, float]]]
 
 
@@ -457,10 +454,8 @@ def check_training_config(config: RunConfig) -> None:
 
 
 def _open_rank_dbs(config: RunConfig, txt_paths: Sequence[str], img_paths: Sequence[str], key: str):
-    d = config.data
-    txt = [TxtDb(str(require_path(p, f"data.{key}_txt_db(s)", "dir")), d.max_txt_len) for p in txt_paths]
-    img = [ImgDb(str(require_path(p, f"data.{key}_img_db(s)", "dir")), d.conf_th, d.max_bb, d.min_bb, d.num_bb,
-                 d.compressed_db) for p in img_paths]
+    txt = [open_txt_db(str(require_path(p, f"data.{key}_txt_db(s)", "dir")), config.data) for p in txt_paths]
+    img = [open_img_db(str(require_path(p, f"data.{key}_img_db(s)", "dir")), config.data) for p in img_paths]
     return txt, img
 
 

@@ -33,21 +33,12 @@ from utils.pipeline.evaluation import open_img_db, open_txt_db
 from utils.precision import resolve_precision
 from utils.run_files import (
     IDS_FILE,
-    IMG_EMB_FILE,
-    IMG_INDEX_FILE,
     INFO_FILE,
-    RECALL_FILE,
     TOPK_FILE,
-    TXT_EMB_FILE,
-    TXT_INDEX_FILE,
 )
 from utils.search.topk import exact_topk, results_to_lists
 
 logger = logging.getLogger(__name__)
-
-
-OUTPUT_FILES = (IMG_EMB_FILE, TXT_EMB_FILE, IDS_FILE, IMG_INDEX_FILE, TXT_INDEX_FILE, TOPK_FILE, RECALL_FILE)
-
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 

@@ -13,17 +13,26 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from model.checkpoint import make_checkpoint
 from optim.optimizer import build_optimizer
 from optim.schedule import build_scheduler, resolve_run_length
 from utils.config import RunConfig, config_to_dict
 from utils.distributed import DistEnv, wrap_optimizer
 from utils.engine.run import open_run_dir
 from utils.engine.training import Stateful, Trainer
+from utils.files import atomic_torch_save
 from utils.precision import Precision
 from utils.rng import derive_seed, seed_everything
+
+
+def save_model(model: torch.nn.Module, path: Path, cfg: RunConfig, extra: Mapping[str, Any], env: DistEnv) -> None:
+    """Our self-describing checkpoint (model config + run config + weights), rank 0 only."""
+    if env.is_main:
+        atomic_torch_save(make_checkpoint(model, config_to_dict(cfg), extra), path)
 
 
 @dataclass

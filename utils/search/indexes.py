@@ -36,7 +36,6 @@ from utils.search.topk import MISSING_ID, ArrayLike, exact_topk
 logger = logging.getLogger(__name__)
 
 
-
 def _import_faiss():
     try:
         import faiss
@@ -55,7 +54,6 @@ def faiss_gpu_available() -> bool:
     except RuntimeError:
         return False
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
 
 
 class DenseIndex(ABC):
