@@ -12,8 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
@@ -37,6 +35,9 @@ def atomic_output(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """`torch.save`, flushed to disk, then renamed into place."""
+    # Imported here: configs and reports use this module without loading torch.
+    import torch
+
     with atomic_output(path) as tmp, open(tmp, "wb") as fh:
         torch.save(obj, fh)
         fh.flush()
