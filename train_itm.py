@@ -25,7 +25,7 @@ import torch
 from data.datasets import RetrievalDataset, retrieval_collate
 from model.biencoder import BiEncoder
 from model.checkpoint import load_biencoder_weights
-from model.losses import contrastive_loss
+from model.losses import contrastive_loss, hierarchical_contrastive_loss
 from utils.config import (
     ConfigError,
     RunConfig,
@@ -33,7 +33,7 @@ from utils.config import (
     config_from_args,
     require_path,
 )
-from utils.distributed import DistEnv, barrier, init_distributed, shutdown
+from utils.distributed import DistEnv, barrier, init_distributed, shutdown, unwrap_model
 from utils.engine.run import BestCheckpoint, after_update
 from utils.engine.training import MicroBatch, ResumableLoader, Trainer, add_run_args
 from utils.errors import run_cli
@@ -88,12 +88,22 @@ def check_paths(cfg: RunConfig) -> None:
 
 
 def itm_loss(model: torch.nn.Module, batch: Mapping[str, Any], task: str) -> dict[str, torch.Tensor]:
-    """Contrastive loss of a retrieval batch, negatives gathered over all ranks."""
+    """Contrastive loss of a retrieval batch, negatives gathered over all ranks (with a
+    hierarchy: the weighted sum over its levels, whose lists the model returns)."""
     txt_emb, img_emb = model(batch)
-    out = contrastive_loss(txt_emb, img_emb, num_pos=batch["num_pos"], txt_img_keys=batch["txt_img_keys"],
-                           img_keys=batch["img_keys"], mask_duplicates=True)
+    keys = {"num_pos": batch["num_pos"], "txt_img_keys": batch["txt_img_keys"], "img_keys": batch["img_keys"],
+            "mask_duplicates": True}
+    if isinstance(txt_emb, list):
+        out = hierarchical_contrastive_loss(txt_emb, img_emb, _bare_model(model).hierarchy.weights, **keys)
+    else:
+        out = contrastive_loss(txt_emb, img_emb, **keys)
     return {"loss": out.loss, "acc_t2i": out.n_correct_t2i.float() / out.n_pos,
             "acc_i2t": out.n_correct_i2t.float() / out.n_pos}
+
+
+def _bare_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The bi-encoder inside the trainer's wrappers (torch.compile, then DDP)."""
+    return unwrap_model(getattr(model, "_orig_mod", model))
 
 
 def build_model(cfg: RunConfig) -> BiEncoder:

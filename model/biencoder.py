@@ -4,13 +4,18 @@ Score = plain dot product of the two embeddings; no normalisation, no temperatur
 
 `BiEncoderConfig.execution` (`packed` by default, or `padded`; `model/packed.py`) selects
 how both towers run their encoders; the pre-training model follows its bi-encoder's.
+
+`BiEncoderConfig.hierarchy` (`utils/hierarchy.py`, off by default) trains the embedding at
+several sizes: `encode_*_levels` return one embedding per level, `forward` returns the
+levels, and `encode_text` / `encode_image` keep returning the full embedding (the last level).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Mapping
+import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +24,7 @@ from torch import nn
 
 from model.packed import DEFAULT_EXECUTION, VarlenLayout, check_execution
 from model.state_dicts import (
+    CheckpointError,
     drop_prefixes,
     load_strict,
     read_weights,
@@ -30,8 +36,10 @@ from model.towers import (
     build_bert_config,
     config_from_dict,
     hf_weights_file,
+    init_bert_weights,
     read_bert_config,
 )
+from utils.hierarchy import Hierarchy
 from utils.region_features import FEAT_DIM
 
 logger = logging.getLogger(__name__)
@@ -39,6 +47,9 @@ logger = logging.getLogger(__name__)
 CLS_CONCAT_MODES = ("add", "multiply", "none")
 # Heads found in HF `BertFor*` weight files; a text tower has no use for them.
 HF_HEAD_PREFIXES = ("cls.",)
+# Attribute of each tower holding the level heads of `heads` mode: keys
+# `txt_model.level_proj.<level>.weight`, the last level being `encode_proj` itself.
+LEVEL_HEADS = "level_proj"
 
 
 @dataclass
@@ -59,6 +70,8 @@ class BiEncoderConfig:
         execution: `packed` (real tokens only, [CLS]-only last layer) or `padded` (every
             position of the batch): the same function, held equal by tests/test_packed.py.
             Checkpoints written before this field existed load with the default.
+        hierarchy: the embedding hierarchy as `Hierarchy.to_dict()` (weights filled in), or
+            None: one flat embedding. Checkpoints written before this field existed are flat.
     """
 
     txt_config: dict[str, Any]
@@ -71,9 +84,14 @@ class BiEncoderConfig:
     img_dim: int = FEAT_DIM
     attn_implementation: str = "sdpa"
     execution: str = DEFAULT_EXECUTION
+    hierarchy: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         check_execution(self.execution)
+        full_dim = self.project_dim or self.txt_config.get("hidden_size", 768)
+        parsed = Hierarchy.from_dict(self.hierarchy, full_dim)
+        # Normalised, so checkpoints record the weights even when the config left them out.
+        self.hierarchy = parsed.to_dict() if parsed is not None else None
         if self.cls_concat == "":
             # The original configs spell "no combination" as an empty string.
             self.cls_concat = "none"
@@ -97,6 +115,7 @@ class BiEncoder(nn.Module):
 
     `forward(batch)` encodes whichever of `batch["txt"]` / `batch["img"]` is present, so the
     model can sit under DDP; `encode_text` / `encode_image` are the direct entry points.
+    With a hierarchy, `forward` returns the levels and `encode_*_levels` compute them.
     """
 
     def __init__(self, config: BiEncoderConfig) -> None:
@@ -106,10 +125,26 @@ class BiEncoder(nn.Module):
         img_cfg = build_bert_config(config.img_config, config.dropout, config.attn_implementation)
         self.txt_model = TextTower(txt_cfg, config.project_dim, config.execution)
         self.img_model = ImageTower(img_cfg, config.project_dim, config.img_dim, config.execution)
+        # The config holds the checked, normalised spec (BiEncoderConfig.__post_init__).
+        self.hierarchy = Hierarchy.from_dict(config.hierarchy)
+        if self.hierarchy is not None and self.hierarchy.mode == "heads":
+            # Built after the towers, so the towers' initial weights are those of a flat model
+            # of the same seed. The heads live in the towers: freezing a tower freezes them too.
+            for tower, cfg in ((self.txt_model, txt_cfg), (self.img_model, img_cfg)):
+                heads = nn.ModuleList(nn.Linear(cfg.hidden_size, d) for d in self.hierarchy.dims[:-1])
+                init_bert_weights(heads, cfg.initializer_range)
+                tower.add_module(LEVEL_HEADS, heads)
         self._txt_fixed = False
         self._img_fixed = False
         self.fix_txt_encoder(config.fix_txt_encoder)
         self.fix_img_encoder(config.fix_img_encoder)
+
+    @property
+    def level_dims(self) -> list[int]:
+        """Embedding size of every level, the full embedding last (flat model: one level)."""
+        if self.hierarchy is None:
+            return [self.txt_model.out_dim]
+        return list(self.hierarchy.dims)
 
     @property
     def execution(self) -> str:
@@ -220,27 +255,99 @@ class BiEncoder(nn.Module):
         with self._grad_context(self._img_fixed):
             return self.img_model(img_feat, img_pos, img_mask, img_masked)
 
+    def _levels(self, tower: nn.Module, cls_hidden: torch.Tensor) -> list[torch.Tensor]:
+        """One embedding per level from a tower's (B, H) [CLS] state, the full one last."""
+        full = tower.project(cls_hidden)
+        if self.hierarchy is None:
+            return [full]
+        if self.hierarchy.mode == "prefix":
+            return [full[:, :d] for d in self.hierarchy.dims[:-1]] + [full]
+        return [head(cls_hidden) for head in getattr(tower, LEVEL_HEADS)] + [full]
+
+    def encode_text_levels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        """(B, dims[i]) text embeddings of every level; the last equals `encode_text`."""
+        with self._grad_context(self._txt_fixed):
+            return self._levels(self.txt_model, self.txt_model.cls_hidden(input_ids, attention_mask))
+
+    def encode_image_levels(
+        self,
+        img_feat: torch.Tensor,
+        img_pos: torch.Tensor,
+        img_mask: torch.Tensor,
+        img_masked: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """(B, dims[i]) image embeddings of every level; the last equals `encode_image`."""
+        with self._grad_context(self._img_fixed):
+            cls_hidden = self.img_model.cls_hidden(img_feat, img_pos, img_mask, img_masked)
+            return self._levels(self.img_model, cls_hidden)
+
     @staticmethod
     def score(txt_emb: torch.Tensor, img_emb: torch.Tensor) -> torch.Tensor:
         """(T, I) matrix of dot products `txt_emb @ img_emb.T`."""
         return txt_emb @ img_emb.t()
 
-    def forward(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def forward(self, batch: Mapping[str, Any]) -> tuple[Any, Any]:
         """Encode the `txt` and/or `img` inputs of a batch (docs/architecture.md layout).
 
         Returns:
-            (txt_emb or None, img_emb or None).
+            Flat model: (txt_emb or None, img_emb or None). With a hierarchy: (list of text
+            levels or None, list of image levels or None), as `encode_*_levels`; every level
+            head is used, so DDP sees every parameter.
         """
         txt_emb = img_emb = None
+        hierarchical = self.hierarchy is not None
         if batch.get("txt") is not None:
             txt = batch["txt"]
-            txt_emb = self.encode_text(txt["input_ids"], txt["attention_mask"])
+            encode_txt = self.encode_text_levels if hierarchical else self.encode_text
+            txt_emb = encode_txt(txt["input_ids"], txt["attention_mask"])
         if batch.get("img") is not None:
             img = batch["img"]
-            img_emb = self.encode_image(
-                img["img_feat"], img["img_pos"], img["img_mask"], img.get("img_masked")
-            )
+            encode_img = self.encode_image_levels if hierarchical else self.encode_image
+            img_emb = encode_img(img["img_feat"], img["img_pos"], img["img_mask"], img.get("img_masked"))
         return txt_emb, img_emb
+
+
+def level_head_keys(keys: Iterable[str]) -> list[str]:
+    """The keys of `heads`-mode level heads among `keys` (any prefix, e.g. `bert.`)."""
+    return sorted(k for k in keys if f".{LEVEL_HEADS}." in f".{k}")
+
+
+def check_level_heads(
+    model: nn.Module, state_dict: Mapping[str, Any], source: str | os.PathLike[str], what: str
+) -> None:
+    """Refuse weights whose embedding hierarchy does not fit `model`, naming the level heads.
+
+    Only `heads` mode has weights of its own: a flat or `prefix` file into a `heads` model
+    lacks them, a `heads` file into a flat or `prefix` model has heads to spare. (Flat and
+    `prefix` share every key, so a flat model fine-tunes as `prefix` and the other way.)
+
+    Raises:
+        CheckpointError: level-head keys are missing or unexpected.
+    """
+    expected = level_head_keys(model.state_dict())
+    provided = level_head_keys(state_dict)
+    missing = sorted(set(expected) - set(provided))
+    unexpected = sorted(set(provided) - set(expected))
+    if not missing and not unexpected:
+        return
+    if missing and not unexpected:
+        detail = (
+            f"the model has hierarchy level heads (model.hierarchy mode heads) that the file "
+            f"lacks: missing {', '.join(missing)}; load a checkpoint trained with the same "
+            f"model.hierarchy, or use mode: prefix (no extra weights)"
+        )
+    elif unexpected and not missing:
+        detail = (
+            f"the file has hierarchy level heads (it was trained with model.hierarchy mode "
+            f"heads) that the model lacks: unexpected {', '.join(unexpected)}; set the same "
+            f"model.hierarchy, or build the model from the checkpoint"
+        )
+    else:
+        detail = (
+            f"its hierarchy level heads differ from the model's (model.hierarchy): missing "
+            f"{', '.join(missing)}; unexpected {', '.join(unexpected)}"
+        )
+    raise CheckpointError(f"{source}: the weights do not fit the {what}: {detail}")
 
 
 def load_text_tower_state(tower: TextTower, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
@@ -269,6 +376,7 @@ def build_biencoder(
     fix_img_encoder: bool = False,
     attn_implementation: str = "sdpa",
     execution: str = DEFAULT_EXECUTION,
+    hierarchy: Mapping[str, Any] | None = None,
 ) -> BiEncoder:
     """Build a bi-encoder from local config paths.
 
@@ -285,9 +393,11 @@ def build_biencoder(
         fix_img_encoder: freeze the image tower.
         attn_implementation: `sdpa` or `eager`.
         execution: `packed` or `padded` (see `BiEncoderConfig.execution`).
+        hierarchy: `{mode, dims, weights}` (see `utils/hierarchy.py`); None or empty = flat.
 
     Raises:
         FileNotFoundError: a config path does not exist (hub names included).
+        HierarchyError: the hierarchy spec is invalid for this model.
     """
     config = BiEncoderConfig(
         txt_config=read_bert_config(txt_model_config, "txt_model_config"),
@@ -299,6 +409,7 @@ def build_biencoder(
         fix_img_encoder=fix_img_encoder,
         attn_implementation=attn_implementation,
         execution=execution,
+        hierarchy=dict(hierarchy) if hierarchy else None,
     )
     model = BiEncoder(config)
     weights = hf_weights_file(txt_model_config)

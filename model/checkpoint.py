@@ -22,7 +22,12 @@ from typing import Any
 
 import torch
 
-from model.biencoder import BiEncoder, BiEncoderConfig, load_text_tower_state
+from model.biencoder import (
+    BiEncoder,
+    BiEncoderConfig,
+    check_level_heads,
+    load_text_tower_state,
+)
 from model.cross_encoder import CrossEncoderConfig, UniterCrossEncoder
 from model.pretrain_heads import PretrainModel
 from model.state_dicts import (
@@ -227,7 +232,8 @@ def load_biencoder_weights(model: BiEncoder, path: PathLike) -> None:
     or pre-training checkpoints.
 
     Raises:
-        CheckpointError: keys or shapes do not match (the message names the file).
+        CheckpointError: keys or shapes do not match (the message names the file; a
+            hierarchy mismatch names the level heads, see `check_level_heads`).
     """
     obj = read_weights(path)
     fmt = detect_format(obj)
@@ -244,6 +250,7 @@ def load_biencoder_weights(model: BiEncoder, path: PathLike) -> None:
         state = _biencoder_part_of_pretrain(obj, path)
     else:
         state = obj
+    check_level_heads(model, state, path, "bi-encoder")
     load_strict(model, rename_gamma_beta(state), path, "bi-encoder")
 
 
@@ -260,6 +267,7 @@ def load_pretrain_weights(model: PretrainModel, path: PathLike) -> None:
         state = obj["model"]
     else:
         state = drop_prefixes(rename_gamma_beta(obj), ("itm_output.",))
+    check_level_heads(model, state, path, "pre-training model")
     load_strict(model, state, path, "pre-training model")
 
 

@@ -5,7 +5,9 @@ under DDP / Horovod (the original only used local negatives when fine-tuning on 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +126,52 @@ def contrastive_loss(
         n_correct_t2i=n_correct_t2i,
         n_correct_i2t=n_correct_i2t,
         n_pos=n_pos,
+    )
+
+
+def hierarchical_contrastive_loss(
+    txt_levels: Sequence[torch.Tensor],
+    img_levels: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    **contrastive_kwargs: Any,
+) -> ContrastiveOutput:
+    """Weighted sum of `contrastive_loss` over the levels of a hierarchical embedding.
+
+    Every level is its own in-batch contrastive problem over the same rows, so with
+    `gather` each level sees the same global negatives across ranks.
+
+    Args:
+        txt_levels: (T, dims[i]) text embeddings per level, the full embedding last.
+        img_levels: (I, dims[i]) image embeddings per level, in the same order.
+        weights: loss weight of each level.
+        **contrastive_kwargs: passed to `contrastive_loss` for every level as given.
+
+    Returns:
+        `loss`, `loss_t2i`, `loss_i2t`: the weighted sums over the levels; the accuracy
+        counts and `n_pos` are those of the full (last) level.
+    """
+    if not (len(txt_levels) == len(img_levels) == len(weights)) or not weights:
+        raise ValueError(
+            f"one text level, image level and weight per level: got {len(txt_levels)}, "
+            f"{len(img_levels)}, {len(weights)}"
+        )
+    outs = [contrastive_loss(t, i, **contrastive_kwargs) for t, i in zip(txt_levels, img_levels)]
+
+    def weighted(name: str) -> torch.Tensor:
+        # Starting from the first term (not 0) keeps one level of weight 1 bit-identical.
+        total = weights[0] * getattr(outs[0], name)
+        for w, out in zip(weights[1:], outs[1:]):
+            total = total + w * getattr(out, name)
+        return total
+
+    full = outs[-1]
+    return ContrastiveOutput(
+        loss=weighted("loss"),
+        loss_t2i=weighted("loss_t2i"),
+        loss_i2t=weighted("loss_i2t"),
+        n_correct_t2i=full.n_correct_t2i,
+        n_correct_i2t=full.n_correct_i2t,
+        n_pos=full.n_pos,
     )
 
 

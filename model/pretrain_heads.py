@@ -19,7 +19,13 @@ from torch import nn
 from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
 from model.biencoder import BiEncoder
-from model.losses import contrastive_loss, mlm_loss, mrckl_loss, mrfr_loss
+from model.losses import (
+    contrastive_loss,
+    hierarchical_contrastive_loss,
+    mlm_loss,
+    mrckl_loss,
+    mrfr_loss,
+)
 from model.packed import packable
 from model.towers import build_bert_config
 from utils.region_features import NUM_LABELS
@@ -194,22 +200,29 @@ class PretrainModel(nn.Module):
         return heads[task](batch)
 
     def forward_itm(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """CMR: contrastive loss on the projected embeddings, negatives gathered globally."""
+        """CMR: contrastive loss on the projected embeddings, negatives gathered globally
+        (with a hierarchy: the weighted sum over its levels)."""
         txt_emb, img_emb = self.bert(batch)
         return self.cmr_outputs(txt_emb, img_emb, batch)
 
     def cmr_outputs(
-        self, txt_emb: torch.Tensor, img_emb: torch.Tensor, batch: Mapping[str, Any]
+        self,
+        txt_emb: torch.Tensor | list[torch.Tensor],
+        img_emb: torch.Tensor | list[torch.Tensor],
+        batch: Mapping[str, Any],
     ) -> dict[str, torch.Tensor]:
-        """CMR loss and accuracy counts from already computed embeddings of `batch`."""
-        out = contrastive_loss(
-            txt_emb,
-            img_emb,
-            num_pos=batch.get("num_pos"),
-            txt_img_keys=batch.get("txt_img_keys"),
-            img_keys=batch.get("img_keys"),
-            mask_duplicates=self.mask_duplicates,
-        )
+        """CMR loss and accuracy counts from already computed embeddings of `batch`
+        (tensors, or the level lists a hierarchical bi-encoder's `forward` returns)."""
+        kwargs = {
+            "num_pos": batch.get("num_pos"),
+            "txt_img_keys": batch.get("txt_img_keys"),
+            "img_keys": batch.get("img_keys"),
+            "mask_duplicates": self.mask_duplicates,
+        }
+        if isinstance(txt_emb, list):
+            out = hierarchical_contrastive_loss(txt_emb, img_emb, self.bert.hierarchy.weights, **kwargs)
+        else:
+            out = contrastive_loss(txt_emb, img_emb, **kwargs)
         return {
             "loss": out.loss,
             "n_correct_t2i": out.n_correct_t2i,

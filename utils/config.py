@@ -29,6 +29,7 @@ import yaml
 
 from utils.errors import MissingPathError, UserError
 from utils.files import atomic_write_text
+from utils.hierarchy import Hierarchy, HierarchyError
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,17 @@ class ModelConfig:
     # `packed` runs the towers and the cross-encoder on real tokens only (model/packed.py),
     # equal to `padded` within 1e-5 in fp32 and faster; `padded` is the plain BERT layout.
     execution: Literal["padded", "packed"] = "packed"
+    # HiVLP embedding hierarchy (utils/hierarchy.py): {mode: prefix|heads, dims: [...],
+    # weights: [...]}; empty = off (one flat embedding, as before).
+    hierarchy: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Checked here so a bad spec fails when the config loads, before any data is read.
+        # With project_dim 0 the full size is the tower's hidden size, checked at model build.
+        try:
+            Hierarchy.from_dict(self.hierarchy, self.project_dim or None)
+        except HierarchyError as err:
+            raise ConfigError(str(err)) from err
 
 
 @dataclass

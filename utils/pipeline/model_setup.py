@@ -11,12 +11,15 @@ earlier ones.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from model.biencoder import BiEncoder, build_biencoder
 from model.checkpoint import initialise_biencoder, load_pretrain_weights
 from model.pretrain_heads import PretrainModel
-from utils.config import ModelConfig, require_path
+from model.towers import read_bert_config
+from utils.config import ConfigError, ModelConfig, require_path
 from utils.errors import MissingPathError
+from utils.hierarchy import Hierarchy, HierarchyError
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +35,22 @@ def check_model_paths(cfg: ModelConfig, *, pretrain: bool = False) -> None:
             require_path(getattr(cfg, key), key, "file")
     if pretrain and cfg.pretrain_checkpoint:
         require_path(cfg.pretrain_checkpoint, "pretrain_checkpoint", "file")
+
+
+def _checked_hierarchy(cfg: ModelConfig) -> dict[str, Any] | None:
+    """`model.hierarchy` checked against the full embedding size, or None when off.
+
+    With `project_dim: 0` the full size is the text tower's hidden size, which only its config
+    file says (the config section checked everything else when it loaded).
+    """
+    if not cfg.hierarchy:
+        return None
+    full_dim = cfg.project_dim or read_bert_config(cfg.txt_model_config, "txt_model_config").get("hidden_size", 768)
+    try:
+        Hierarchy.from_dict(cfg.hierarchy, full_dim)
+    except HierarchyError as err:
+        raise ConfigError(str(err)) from err
+    return dict(cfg.hierarchy)
 
 
 def build_biencoder_for_run(cfg: ModelConfig) -> BiEncoder:
@@ -59,6 +78,7 @@ def build_biencoder_for_run(cfg: ModelConfig) -> BiEncoder:
         fix_txt_encoder=cfg.fix_txt_encoder,
         fix_img_encoder=cfg.fix_img_encoder,
         execution=cfg.execution,
+        hierarchy=_checked_hierarchy(cfg),
     )
     initialise_biencoder(model, cfg.txt_checkpoint, cfg.img_checkpoint, cfg.biencoder_checkpoint)
     for key in ("txt_checkpoint", "img_checkpoint", "biencoder_checkpoint"):
