@@ -24,6 +24,13 @@ setup(
         "tqdm>=4.60,<5",
         "pyyaml>=6.0,<7",
         "tensorboard>=2.12,<3",
+        # inference.py serve (web app + server), its tests' client and the load benchmark
+        "fastapi>=0.110,<1",
+        "uvicorn>=0.29,<1",
+        "httpx>=0.27,<1",
+        # scene pictures (data/scene_render.py) and plots (scripts/plots.py)
+        "pillow>=10.1,<14",
+        "matplotlib>=3.7,<4",
     ],
     extras_require={
         "dev": ["pytest>=7,<10", "ruff>=0.4"],

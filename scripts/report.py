@@ -8,8 +8,9 @@ Each argument is a results file or a directory (searched recursively for `recall
 Every recall dict found in a file (the SPEC 7 layout of `utils/search/metrics.py`, at any depth)
 becomes one row: `rerank.json` gives a stage-1 row and a re-ranked row; nested dicts (e.g. a
 demo summary) give one row per recall dict, labelled by their key path. Timing comes from a
-`timing` dict beside the recall dict (or in an enclosing dict), and for `recall.json` from the
-`info.json` written next to it by `inference.py`.
+`timing` dict beside the recall dict (or in an enclosing dict), from a top-level `timing_s`
+dict keyed by row name (the demo's `summary.json`), and for `recall.json` from the `info.json`
+written next to it by `inference.py`.
 
 Columns: model / setting | TR R@1 R@5 R@10 | IR R@1 R@5 R@10 | RSUM | AR | timing (s).
 TR = image -> text, IR = text -> image, as in the paper.
@@ -109,6 +110,16 @@ def _describe(path: tuple[str, ...], data: Mapping[str, Any]) -> str:
     return " / ".join(parts)
 
 
+def _timing_by_row(data: Mapping[str, Any], key_path: tuple[str, ...]) -> dict[str, float]:
+    """Timing kept apart from the rows, keyed by row name, in seconds without the `_s` suffix
+    (the demo's `summary.json`: `timing_s: {finetuned: {encode: ..., search: ...}}`)."""
+    by_row = data.get("timing_s")
+    if not key_path or not isinstance(by_row, Mapping):
+        return {}
+    timing = _numeric_timing(by_row.get(key_path[-1]))
+    return {k if k.endswith("_s") else f"{k}_s": v for k, v in timing.items()}
+
+
 def rows_from_file(path: Path, label: str) -> list[Row]:
     """The rows of one results file.
 
@@ -129,6 +140,7 @@ def rows_from_file(path: Path, label: str) -> list[Row]:
             # Stage 1 of a re-ranking: the timing beside it is the re-ranker's.
             timing = {}
         name = _describe(key_path, data)
+        timing = {**_timing_by_row(data, key_path), **timing}
         rows.append(Row(f"{label} / {name}" if name else label, recall, {**extra_timing, **timing}))
     if not rows:
         raise DataError(f"{path}: no recall results (text_to_image / image_to_text R@1/5/10) in it")

@@ -74,3 +74,18 @@ def test_errors_name_the_file(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty"):
         report.main([str(tmp_path / "empty")])
+
+
+def test_demo_summary_timing_columns(tmp_path):
+    """The demo's summary keeps timings apart (`timing_s` by row): they fill the timing columns."""
+    summary = write(tmp_path / "demo" / "summary.json", {
+        "rows": {"finetuned": recall(50.0, 40.0), "reranked": recall(60.0, 45.0)},
+        "chance": recall(0.2, 0.2),
+        "timing_s": {"finetuned": {"encode": 0.5, "search": 0.125},
+                     "reranked": {"encode": 0.5, "search": 0.125, "rerank": 12.25}},
+    })
+    lines = report.main([f"demo={summary}"]).strip().splitlines()[2:]
+    body = {line.split(" | ")[0].lstrip("| "): [c.strip() for c in line.strip("|").split("|")] for line in lines}
+    assert body["demo / rows / finetuned"][-3:] == ["0.50", "0.12", "-"]
+    assert body["demo / rows / reranked"][-3:] == ["0.50", "0.12", "12.25"]
+    assert body["demo / chance"][-3:] == ["-", "-", "-"]

@@ -36,9 +36,21 @@ IMG_INDEX_FILE = "img.index"
 TXT_INDEX_FILE = "txt.index"
 SHARD_DIR = "shards"
 
+
+def level_file(name: str, dim: int) -> str:
+    """A hierarchy level's file beside a full-embedding one: `img_emb.npy`, 64 -> `img_emb.d64.npy`."""
+    stem, dot, ext = name.rpartition(".")
+    return f"{stem}.d{dim}.{ext}" if dot else f"{name}.d{dim}"
+
+
 # ---- rerank.py
 RERANK_FILE = "rerank.json"
 SCORES_FILE = "rerank_scores.json"
 
 # ---- make demo
 SUMMARY_FILE = "summary.json"
+
+# ---- scripts/plots.py (PNGs under a run directory)
+PLOTS_DIR = "plots"
+TRAINING_PLOT_SUFFIX = "_training.png"
+RECALL_PLOT = "recall_at_k.png"
