@@ -3,6 +3,7 @@
     python scripts/bench.py --quick                 # tiny sizes: a CPU smoke check, < 60 s
     python scripts/bench.py --out bench.json        # paper sizes, meant for one H100
     python scripts/bench.py --sections search,ann   # a subset (each section stands alone)
+    python scripts/bench.py --sections serve        # inference.py serve: query latency, 32 clients x 20 s
 
 Every figure is measured twice in the same run: on the straightforward implementation
 (`transformers` BertModel with SDPA, bf16 autocast on CUDA, batches padded to their longest
@@ -48,7 +49,7 @@ from utils.region_features import NUM_LABELS
 
 logger = logging.getLogger("bench")
 
-SECTIONS = ("peak", "train", "pretrain", "encode", "search", "ann", "cross", "eval", "loader")
+SECTIONS = ("peak", "train", "pretrain", "encode", "search", "ann", "cascade", "cross", "eval", "loader", "serve")
 PRETRAIN_TASKS = ("mlm", "mrfr", "mrckl")
 # Targets of issue 7 on one H100, printed next to the measured figures.
 TARGETS = {
@@ -60,6 +61,21 @@ TARGETS = {
     "eval/biencoder e2e s": "< 0.3",
     "eval/speedup vs cross": ">= 1000",
     "loader/ratio to train": ">= 2",
+    # Issue 14, on a 2-core CPU (demo-sized index, encode + search, after warm-up).
+    "serve/query p50 ms": "< 30 (2-core CPU)",
+    "serve/load errors": "0",
+    # Issue 12 (HiVLP cascade), on a CPU at N = 1M: speed-up over flat exact search at Q = 64
+    # and 1024 with recall@10 within 0.5 points of it.
+    "cascade/Q=64 3-level 128:1000": ">= 3x, R@10 >= 99.5 (CPU)",
+    "cascade/Q=1024 3-level 128:1000": ">= 3x, R@10 >= 99.5 (CPU)",
+}
+# Cascades of the `cascade` section: (dim, keep) per stage, dims for a 768-d full embedding.
+# The first is the issue's example; on the power-law vectors below its 64-d stage loses a
+# few of the true top-10 at N = 1M (docs/benchmarks.md), the others keep more or start wider.
+CASCADES = {
+    "3-level 64:1000": ((64, 1000), (256, 100), (768, 20)),
+    "3-level 128:1000": ((128, 1000), (256, 200), (768, 20)),
+    "2-level 128:1000": ((128, 1000), (768, 20)),
 }
 
 
@@ -92,6 +108,11 @@ class Sizes:
     warmup: int
     steps: int
     peak_n: int
+    # The cascade section: corpus size and full embedding size.
+    cascade_n: int = 20_000
+    cascade_dim: int = 768
+    # Variance of coordinate j of the cascade's vectors: (j+1)^-decay.
+    cascade_decay: float = 1.0
 
 
 QUICK = Sizes(
@@ -107,7 +128,7 @@ FULL = Sizes(
     num_bb=36, img_dim=2048, max_txt_len=60, encode_txt_batch=1024, encode_img_batch=512,
     search_n=1_000_000, search_dim=768, search_queries=(1, 64, 1024), k=10, ann_n=1_000_000,
     ann_queries=1024, cross_batch=256, eval_images=1000, captions_per_image=5,
-    loader_images=2048, warmup=3, steps=10, peak_n=8192,
+    loader_images=2048, warmup=3, steps=10, peak_n=8192, cascade_n=1_000_000,
 )
 
 
@@ -140,6 +161,7 @@ class Context:
     train_samples_per_s: float | None = None
     workdir: str | None = None
     triton_configs: bool = False
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # section-specific options
 
     def autocast(self, cache_enabled: bool = True) -> contextlib.AbstractContextManager:
         """The run's autocast; CUDA-graph capture needs `cache_enabled=False`."""
@@ -666,6 +688,83 @@ def section_ann(ctx: Context) -> None:
         del index
 
 
+def prefix_model_vectors(n: int, dim: int, n_queries: int, seed: int, decay: float = 1.0,
+                         chunk: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
+    """Keys whose coordinate j has variance (j+1)^-decay, and queries near random keys.
+
+    A prefix-trained (Matryoshka / HiVLP prefix) model puts most of an embedding's variance
+    in its first coordinates; a power-law spectrum stands in for a trained model's at sizes no
+    demo model reaches. Generated in chunks so only the float32 keys are held.
+    """
+    rng = np.random.default_rng(seed)
+    scale = (np.arange(1, dim + 1, dtype=np.float64) ** (-decay / 2)).astype(np.float32)
+    keys = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, chunk):
+        block = rng.standard_normal((min(chunk, n - start), dim), dtype=np.float32)
+        keys[start : start + block.shape[0]] = block * scale
+    noise = rng.standard_normal((n_queries, dim), dtype=np.float32) * scale
+    queries = keys[rng.integers(0, n, n_queries)] + 0.5 * noise
+    return keys, queries.astype(np.float32)
+
+
+def section_cascade(ctx: Context) -> None:
+    """HiVLP coarse-to-fine cascade vs flat exact full-dimension search: time, recall@k.
+
+    Flat exact is timed twice (torch `exact_topk` and a faiss flat index) and the faster is the
+    baseline. A cascade's first stage is an exact top-keep over the first level
+    (`utils.search.cascade.threshold_topk`: faiss's flat index is far slower at k = 1,000),
+    later stages re-score exactly. Recall@k is against the flat exact top-k (100 = identical
+    lists). CPU only: the issue's targets are for a CPU (GPU exact search is `search`).
+    """
+    from utils.search.cascade import CascadeStage, cascade_search
+    from utils.search.indexes import FlatIndex, index_embeddings
+    from utils.search.topk import exact_topk
+
+    s = ctx.sizes
+    n, dim, decay = s.cascade_n, s.cascade_dim, s.cascade_decay
+    device = torch.device("cpu")
+    t0 = time.perf_counter()
+    keys, all_queries = prefix_model_vectors(n, dim, max(s.search_queries), ctx.seed + 4, decay)
+    cascades = {name: [CascadeStage(d * dim // 768, keep) for d, keep in stages] for name, stages in CASCADES.items()}
+    levels = {st.dim: keys if st.dim == dim else np.ascontiguousarray(keys[:, : st.dim])
+              for stages in cascades.values() for st in stages}
+    flat = index_embeddings(FlatIndex(dim, use_gpu=False), keys)
+    ctx.add(Row("cascade", "data", n, "keys", check=f"synthetic prefix-model vectors ({dim}-d): variance of "
+                f"coordinate j ~ (j+1)^-{decay:g}, queries = a key + noise", extra={"prepare_s": time.perf_counter() - t0}))
+    for num_q in s.search_queries:
+        queries = all_queries[:num_q]
+        # A flat search of 1,024 queries over 1M keys takes a minute on a CPU: time it once.
+        warmup, repeat = (1, max(1, min(3, s.steps))) if num_q <= 64 else (0, 1)
+        _, ref_i = exact_topk(queries, keys, s.k)
+        t_torch = time_fn(lambda q=queries: exact_topk(q, keys, s.k), device, warmup, repeat)["median_s"]
+        t_faiss = time_fn(lambda q=queries: flat.search(q, s.k), device, warmup, repeat)["median_s"]
+        flat_ms = min(t_torch, t_faiss) * 1e3
+        ctx.add(Row("cascade", f"Q={num_q} flat exact ms", flat_ms, "ms",
+                    extra={"torch_exact_topk_ms": t_torch * 1e3, "faiss_flat_ms": t_faiss * 1e3}))
+        for name, stages in cascades.items():
+            q_levels = [np.ascontiguousarray(queries[:, : st.dim]) for st in stages]
+            c_levels = [levels[st.dim] for st in stages]
+
+            def run(q=q_levels, c=c_levels, st=stages):
+                return cascade_search(q, c, st, None, device)
+
+            results = run()
+            recall = 100 * _recall_vs(ref_i, torch.from_numpy(results[-1].ids[:, : s.k]))
+            # Checked: the final scores are the full-level dot products of the rows returned.
+            final = results[-1]
+            dots = np.einsum("qd,qkd->qk", queries.astype(np.float64), keys[final.ids].astype(np.float64))
+            score_err = float(np.abs(final.scores - dots).max() / np.abs(dots).max())
+            ms = time_fn(run, device, warmup, repeat)["median_s"] * 1e3
+            # Recall is reported against the issue's 99.5 target, not checked: it is a property
+            # of the vectors and the keep sizes, not a numerical error of the code.
+            ctx.add(Row("cascade", f"Q={num_q} {name}", ms, "ms", baseline=flat_ms, ratio=flat_ms / ms,
+                        check=f"R@{s.k} {recall:.2f} vs flat exact, max |ds|/|s| {score_err:.0e}; "
+                              + " ".join(f"{st.dim}:{st.keep}" for st in stages),
+                        ok=score_err <= 1e-4,
+                        extra={"recall_at_k": recall, "stage_ms": [r.seconds * 1e3 for r in results],
+                               "stages": [st.to_dict() for st in stages]}))
+
+
 def section_cross(ctx: Context) -> None:
     """Cross-encoder (UNITER) scoring throughput, padded vs packed execution."""
     from model.cross_encoder import CrossEncoderConfig, UniterCrossEncoder
@@ -841,6 +940,175 @@ def section_eval(ctx: Context) -> None:
         ctx.add(Row("eval", "speedup vs cross", None, "x", check="run with the cross section for the ratio"))
 
 
+# ----------------------------------------------------------------------------- serve
+
+
+SERVE_QUERIES = {"quick": (5, 40), "full": (20, 300)}  # (warm-up, timed) text queries
+SERVE_LOAD = {"quick": (8, 3.0), "full": (32, 20.0)}  # (clients, seconds)
+SERVE_IMAGES = {"quick": 100, "full": 500}  # images of the index built on the fly (500: the demo's)
+
+
+def build_demo_index(root: str, n_images: int = 500, seed: int = 0) -> tuple[str, str]:
+    """A demo-sized retrieval directory: synthetic test split, the demo's tiny towers
+    (configs/demo, project_dim 128), random weights. Returns (index dir, checkpoint)."""
+    from data.synthetic import SyntheticConfig, generate
+    from model.biencoder import build_biencoder
+    from model.checkpoint import make_checkpoint
+    from utils.config import load_config
+    from utils.files import atomic_torch_save
+    from utils.pipeline.inference_run import run_inference
+
+    repo = Path(__file__).resolve().parents[1]
+    data = Path(root) / "data"
+    generate(str(data), SyntheticConfig(seed=seed, num_train=8, num_val=8, num_test=n_images), progress=False)
+    torch.manual_seed(seed)
+    demo = repo / "configs" / "demo"
+    model = build_biencoder(str(demo / "txt_tiny.json"), str(demo / "img_tiny.json"), project_dim=128)
+    ckpt = Path(root) / "biencoder.pt"
+    atomic_torch_save(make_checkpoint(model.eval(), {}), ckpt)
+    out = Path(root) / "index"
+    config = load_config(demo / "finetune.yaml", [
+        f"data.train_txt_dbs=[{data / 'txt_db/train'}]", f"data.train_img_dbs=[{data / 'img_db'}]",
+        f"data.val_txt_db={data / 'txt_db/val'}", f"data.val_img_db={data / 'img_db'}",
+        f"data.test_txt_db={data / 'txt_db/test'}", f"data.test_img_db={data / 'img_db'}",
+        f"model.tokenizer={data / 'tokenizer'}", "retrieval.eval_split=test", f"output_dir={out}",
+    ])
+    run_inference(config, str(ckpt), out, "fp32")
+    return str(out), str(ckpt)
+
+
+def _serve_queries(searcher: Any, count: int) -> list[str]:
+    """Realistic queries: the split's own captions, cycled."""
+    from data.txt_db import TxtDb
+
+    db = TxtDb(searcher.info["split"]["txt_db"], searcher.max_txt_len)
+    texts = [db.record(t)["raw"] for t in searcher.txt_ids[: max(count, 1)]]
+    return [texts[i % len(texts)] for i in range(count)]
+
+
+def _percentiles(ms: Sequence[float]) -> tuple[float, float]:
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+
+
+async def _load(base: str, queries: Sequence[str], clients: int, seconds: float) -> dict[str, Any]:
+    """`clients` concurrent loops of `/api/search` requests (no re-rank) for `seconds`.
+
+    Each client has its own connection (a client of its own), as independent users would.
+    """
+    import asyncio
+
+    import httpx
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    stop = time.perf_counter() + seconds
+
+    async def client_loop(w: int) -> None:
+        async with httpx.AsyncClient(base_url=base, timeout=30.0) as client:
+            i = w
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                try:
+                    r = await client.get("/api/search", params={"q": queries[i % len(queries)], "k": 10, "rerank": 0})
+                    if r.status_code != 200:
+                        errors.append(f"HTTP {r.status_code}")
+                    else:
+                        latencies.append((time.perf_counter() - t0) * 1e3)
+                except httpx.HTTPError as err:
+                    errors.append(type(err).__name__)
+                i += clients
+
+    t_start = time.perf_counter()
+    await asyncio.gather(*(client_loop(w) for w in range(clients)))
+    elapsed = time.perf_counter() - t_start
+    p50, p99 = _percentiles(latencies) if latencies else (None, None)
+    return {"requests": len(latencies), "errors": len(errors), "error_kinds": sorted(set(errors)),
+            "elapsed_s": elapsed, "throughput": len(latencies) / elapsed, "p50_ms": p50, "p99_ms": p99}
+
+
+def _start_server(index_dir: str, checkpoint: str, workdir: str) -> tuple[Any, str, Any]:
+    """`inference.py serve` in a child process on a free local port; returns (process, base URL, log)."""
+    import socket
+    import subprocess
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    log = open(os.path.join(workdir, "serve.log"), "w")  # noqa: SIM115 (the caller closes it)
+    proc = subprocess.Popen(
+        [sys.executable, str(repo / "inference.py"), "serve", "--index_dir", index_dir, "--checkpoint", checkpoint,
+         "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, cwd=str(repo),
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log.close()
+            raise RuntimeError(f"inference.py serve exited ({proc.returncode}): {Path(log.name).read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{base}/api/search", params={"q": "a dog", "k": 1}, timeout=5).status_code == 200:
+                return proc, base, log
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.terminate()
+    log.close()
+    raise RuntimeError("inference.py serve did not answer within 120 s")
+
+
+def section_serve(ctx: Context) -> None:
+    """`inference.py serve`: query latency after warm-up (encode + search, in process) on a
+    demo-sized index, then concurrent clients against the real server over HTTP."""
+    import asyncio
+
+    from utils.pipeline.query import Searcher
+
+    mode = "quick" if ctx.sizes is QUICK else "full"
+    opts = ctx.options
+    index_dir, checkpoint = opts.get("serve_index"), opts.get("serve_checkpoint")
+    if index_dir is None:
+        assert ctx.workdir is not None
+        index_dir, checkpoint = build_demo_index(os.path.join(ctx.workdir, "serve"), SERVE_IMAGES[mode], ctx.seed)
+    elif checkpoint is None:
+        raise SystemExit("--serve-index needs --serve-checkpoint (the bi-encoder that built it)")
+    warm, count = SERVE_QUERIES[mode]
+    count = opts.get("serve_queries") or count
+    searcher = Searcher(index_dir, checkpoint)
+    queries = _serve_queries(searcher, count)
+    for q in queries[:warm]:
+        searcher.search_images(searcher.encode_text(q), 10)
+    ms = []
+    for q in queries:
+        t0 = time.perf_counter()
+        searcher.search_images(searcher.encode_text(q), 10)
+        ms.append((time.perf_counter() - t0) * 1e3)
+    p50, p99 = _percentiles(ms)
+    extra = {"images": len(searcher.img_ids), "queries": len(ms), "torch_threads": torch.get_num_threads()}
+    ctx.add(Row("serve", "query p50 ms", p50, "ms", extra=extra))
+    ctx.add(Row("serve", "query p99 ms", p99, "ms", extra=extra))
+
+    clients, seconds = SERVE_LOAD[mode]
+    clients = opts.get("clients") or clients
+    seconds = opts.get("duration") or seconds
+    proc, base, log = _start_server(index_dir, checkpoint, ctx.workdir or tempfile.gettempdir())
+    try:
+        load = asyncio.run(_load(base, queries, clients, seconds))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+    extra = {"clients": clients, "seconds": seconds, **load}
+    ctx.add(Row("serve", "load throughput", load["throughput"], "req/s", extra=extra))
+    ctx.add(Row("serve", "load p50 ms", load["p50_ms"], "ms", extra=extra))
+    ctx.add(Row("serve", "load p99 ms", load["p99_ms"], "ms", extra=extra))
+    ctx.add(Row("serve", "load errors", float(load["errors"]), "count", check=", ".join(load["error_kinds"]),
+                ok=load["errors"] == 0))
+
+
 SECTION_FNS: dict[str, Callable[[Context], None]] = {
     "peak": section_peak,
     "train": section_train,
@@ -848,8 +1116,10 @@ SECTION_FNS: dict[str, Callable[[Context], None]] = {
     "encode": section_encode,
     "search": section_search,
     "ann": section_ann,
+    "cascade": section_cascade,
     "cross": section_cross,
     "eval": section_eval,
+    "serve": section_serve,
     "loader": section_loader,
 }
 
@@ -924,9 +1194,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up runs (default by mode)")
     parser.add_argument("--search-n", type=int, default=None, help="keys of the exact search section")
     parser.add_argument("--ann-n", type=int, default=None, help="keys of the approximate index section")
+    parser.add_argument("--cascade-n", type=int, default=None, help="keys of the cascade section")
+    parser.add_argument("--cascade-decay", type=float, default=None,
+                        help="cascade vectors: variance of coordinate j is (j+1)^-decay (default 1)")
     parser.add_argument("--batch", type=int, default=None, help="training batch size")
     parser.add_argument("--triton-sweep", action="store_true", help="time a grid of fused-kernel configs")
     parser.add_argument("--workdir", type=str, default=None, help="where the synthetic LMDBs go (default: a temp dir)")
+    parser.add_argument("--serve-index", type=str, default=None,
+                        help="serve section: a built retrieval dir (default: a demo-sized one built on the fly)")
+    parser.add_argument("--serve-checkpoint", type=str, default=None, help="serve section: its bi-encoder")
+    parser.add_argument("--serve-queries", type=int, default=None, help="serve section: timed text queries")
+    parser.add_argument("--clients", type=int, default=None, help="serve section: concurrent clients (32 full)")
+    parser.add_argument("--duration", type=float, default=None, help="serve section: load seconds (20 full)")
     return parser.parse_args(argv)
 
 
@@ -941,7 +1220,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sizes = QUICK if args.quick else FULL
     overrides = {"steps": args.steps, "warmup": args.warmup, "search_n": args.search_n,
-                 "ann_n": args.ann_n, "batch": args.batch}
+                 "ann_n": args.ann_n, "cascade_n": args.cascade_n,
+                 "cascade_decay": args.cascade_decay, "batch": args.batch}
     sizes = dataclasses.replace(sizes, **{k: v for k, v in overrides.items() if v is not None})
     sections = [x.strip() for x in args.sections.split(",") if x.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))
@@ -957,7 +1237,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="ldot_bench_", dir=args.workdir) as workdir:
         ctx = Context(device=device, sizes=sizes, autocast_dtype=autocast_dtype, seed=args.seed,
-                      rows=[], workdir=workdir, triton_configs=args.triton_sweep)
+                      rows=[], workdir=workdir, triton_configs=args.triton_sweep,
+                      options={"serve_index": args.serve_index, "serve_checkpoint": args.serve_checkpoint,
+                               "serve_queries": args.serve_queries, "clients": args.clients,
+                               "duration": args.duration})
         for name in sections:
             t0 = time.perf_counter()
             SECTION_FNS[name](ctx)

@@ -52,3 +52,17 @@ def test_flop_count_matches_hand_count() -> None:
 def test_unknown_section_is_refused() -> None:
     with pytest.raises(SystemExit, match="unknown sections"):
         bench.main(["--quick", "--sections", "gpu"])
+
+
+def test_quick_cascade_section(tmp_path: Path) -> None:
+    result = _run(tmp_path, "cascade")
+    rows = {r["name"]: r for r in result["rows"] if r["section"] == "cascade"}
+    assert "synthetic prefix-model vectors" in rows["data"]["check"]
+    for q in (1, 64, 1024):
+        assert rows[f"Q={q} flat exact ms"]["value"] > 0
+        for name, stages in bench.CASCADES.items():
+            row = rows[f"Q={q} {name}"]
+            # Checked: final scores are the rows' full dot products; recall vs flat is recorded.
+            assert row["ok"] is True and row["ratio"] > 0
+            assert [(s["dim"], s["keep"]) for s in row["extra"]["stages"]] == [tuple(st) for st in stages]
+            assert 90.0 <= row["extra"]["recall_at_k"] <= 100.0 and len(row["extra"]["stage_ms"]) == len(stages)

@@ -6,7 +6,7 @@
   (CPU, CUDA) in fp32 / fp16 / bf16, and accepts numpy memmaps, so neither side has to fit on
   the device at once. It never pads: with k > N it returns N columns.
 * `DenseIndex` (after DPR's `DenseIndexer`): `FlatIndex` (exact), `HNSWIndex`, `IVFPQIndex`,
-  with `serialize` / `load_index`. faiss moves Flat / IVF-PQ to the GPU when it is a GPU build
+  `IVFFlatIndex`, with `serialize` / `load_index`. faiss moves Flat / IVF to the GPU when it is a GPU build
   and a GPU is present; otherwise exact search on a GPU goes through `exact_topk`. faiss marks
   slots it could not fill with id -1: `DenseIndex.search` keeps that mark (score -inf) and
   `results_to_lists` drops it; no -1 is ever turned into a real id.
@@ -22,7 +22,7 @@ import logging
 import math
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,20 @@ class DenseIndex(ABC):
     @abstractmethod
     def add(self, vectors: np.ndarray) -> None:
         """Append vectors (N, dim); they get ids ntotal .. ntotal+N-1."""
+
+    @property
+    def can_add_at(self) -> bool:
+        """Whether rows can be added under given ids in any order (`start_add_at` / `add_at`),
+        which `index_shards` needs; graph indexes (HNSW) depend on insertion order and cannot."""
+        return False
+
+    def start_add_at(self, num_rows: int) -> None:
+        """Prepare an empty (trained) index for `add_at` of ids 0..num_rows-1."""
+        raise NotImplementedError(f"{self.kind} indexes cannot add rows out of order")
+
+    def add_at(self, positions: np.ndarray, vectors: np.ndarray) -> None:
+        """Add `vectors` (n, dim) under the ids `positions` (n,), in any order."""
+        raise NotImplementedError(f"{self.kind} indexes cannot add rows out of order")
 
     @abstractmethod
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -208,6 +222,23 @@ class FlatIndex(FaissIndex):
         flat = faiss.rev_swig_ptr(self._index.get_xb(), self.ntotal * self.dim)
         return np.asarray(flat).reshape(self.ntotal, self.dim)
 
+    @property
+    def can_add_at(self) -> bool:
+        # Rows are written into the CPU storage in place; a GPU copy has no such view.
+        return not self.on_gpu
+
+    def start_add_at(self, num_rows: int, batch_size: int = 65536) -> None:
+        """Zero-fill `num_rows` rows (in batches: memory stays the index itself)."""
+        if self.ntotal:
+            raise RuntimeError("start_add_at needs an empty index")
+        for start in range(0, num_rows, batch_size):
+            self._index.add(np.zeros((min(batch_size, num_rows - start), self.dim), np.float32))
+
+    def add_at(self, positions: np.ndarray, vectors: np.ndarray) -> None:
+        if not self.can_add_at:
+            raise RuntimeError("add_at needs a CPU flat index")
+        self.vectors()[np.asarray(positions, dtype=np.int64)] = self._check(vectors, "vectors")
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if not self.on_gpu and torch.cuda.is_available() and self.ntotal:
             queries = self._check(queries, "queries")
@@ -321,6 +352,23 @@ class IVFPQIndex(FaissIndex):
             raise RuntimeError("IVF-PQ index must be trained before vectors are added")
         super().add(vectors)
 
+    @property
+    def can_add_at(self) -> bool:
+        return True
+
+    def start_add_at(self, num_rows: int) -> None:
+        """Nothing to prepare: inverted lists store each row's id."""
+        if not self._built:
+            raise RuntimeError("IVF-PQ index must be trained before vectors are added")
+        if self.ntotal:
+            raise RuntimeError("start_add_at needs an empty index")
+
+    def add_at(self, positions: np.ndarray, vectors: np.ndarray) -> None:
+        if not self._built:
+            raise RuntimeError("IVF-PQ index must be trained before vectors are added")
+        ids = np.ascontiguousarray(positions, dtype=np.int64).reshape(-1)
+        self._index.add_with_ids(self._check(vectors, "vectors"), ids)
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if not self._built:
             n = self._check(queries, "queries").shape[0]
@@ -330,6 +378,96 @@ class IVFPQIndex(FaissIndex):
     def serialize(self, path: str | os.PathLike) -> None:
         if not self._built:
             raise RuntimeError("cannot serialize an untrained IVF-PQ index")
+        super().serialize(path)
+
+
+@register_index
+class IVFFlatIndex(FaissIndex):
+    """Inverted lists over the uncompressed vectors: exact scores within the `nprobe` lists
+    searched, so with nprobe == nlist it is exact search. A cascade's first stage at a short
+    level: it scores about nprobe / nlist of the corpus instead of all of it.
+
+    As for IVF-PQ, `nlist` is shrunk to what the training sample supports (39 per list).
+    """
+
+    kind = "ivfflat"
+    faiss_type = "IndexIVFFlat"
+
+    @classmethod
+    def from_faiss(cls, raw, use_gpu: bool | None) -> IVFFlatIndex:
+        """Wrap a faiss index read from disk."""
+        return cls(raw.d, nprobe=raw.nprobe, use_gpu=use_gpu, _index=raw)
+
+    def __init__(
+        self, dim: int, nlist: int = 1024, nprobe: int = 32, use_gpu: bool | None = None, _index=None
+    ):
+        self._nlist = nlist
+        self._nprobe = nprobe
+        self._use_gpu = use_gpu
+        self._built = _index is not None
+        self._gpu_resources = None
+        DenseIndex.__init__(self, dim)
+        if _index is not None:
+            _index.nprobe = nprobe
+            super().__init__(_index, dim, use_gpu)
+
+    @property
+    def ntotal(self) -> int:
+        return super().ntotal if self._built else 0
+
+    @property
+    def is_trained(self) -> bool:
+        return self._built and super().is_trained
+
+    def train(self, vectors: np.ndarray) -> None:
+        faiss = _import_faiss()
+        vectors = self._check(vectors, "training vectors")
+        n = vectors.shape[0]
+        if n < 1:
+            raise ValueError("IVF-Flat needs at least 1 training vector")
+        nlist = max(1, min(self._nlist, n // 39))
+        quantizer = faiss.IndexFlatIP(self.dim)
+        index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(vectors)
+        index.nprobe = min(self._nprobe, nlist)
+        # IndexIVFFlat does not own its quantizer from Python: keep it alive with the index.
+        self._quantizer = quantizer
+        FaissIndex.__init__(self, index, self.dim, self._use_gpu)
+        self._built = True
+        logger.info("IVF-Flat trained on %d vectors: nlist=%d nprobe=%d", n, nlist, index.nprobe)
+
+    def _need_built(self) -> None:
+        if not self._built:
+            raise RuntimeError("IVF-Flat index must be trained before vectors are added")
+
+    def add(self, vectors: np.ndarray) -> None:
+        self._need_built()
+        super().add(vectors)
+
+    @property
+    def can_add_at(self) -> bool:
+        return True
+
+    def start_add_at(self, num_rows: int) -> None:
+        """Nothing to prepare: inverted lists store each row's id."""
+        self._need_built()
+        if self.ntotal:
+            raise RuntimeError("start_add_at needs an empty index")
+
+    def add_at(self, positions: np.ndarray, vectors: np.ndarray) -> None:
+        self._need_built()
+        ids = np.ascontiguousarray(positions, dtype=np.int64).reshape(-1)
+        self._index.add_with_ids(self._check(vectors, "vectors"), ids)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if not self._built:
+            n = self._check(queries, "queries").shape[0]
+            return np.empty((n, 0), np.float32), np.empty((n, 0), np.int64)
+        return super().search(queries, k)
+
+    def serialize(self, path: str | os.PathLike) -> None:
+        if not self._built:
+            raise RuntimeError("cannot serialize an untrained IVF-Flat index")
         super().serialize(path)
 
 
@@ -401,14 +539,105 @@ def index_embeddings(
     """
     n = embeddings.shape[0]
     if not index.is_trained:
-        if n <= train_size:
-            sample = np.asarray(embeddings, dtype=np.float32)
-        else:
-            rows = np.sort(np.random.default_rng(seed).choice(n, train_size, replace=False))
-            sample = np.asarray(embeddings[rows], dtype=np.float32)
-        index.train(sample)
+        rows = train_sample_rows(n, train_size, seed)
+        sample = embeddings if n <= train_size else embeddings[rows]
+        index.train(np.asarray(sample, dtype=np.float32))
     for start in range(0, n, batch_size):
         index.add(np.asarray(embeddings[start : start + batch_size], dtype=np.float32))
+    return index
+
+
+def train_sample_rows(num_rows: int, train_size: int = 262144, seed: int = 0) -> np.ndarray:
+    """The sorted rows an index is trained on: all of them, or `train_size` drawn at random.
+
+    `index_embeddings` and `index_shards` draw the same rows, so both train the same quantiser.
+    """
+    if num_rows <= train_size:
+        return np.arange(num_rows, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(num_rows, train_size, replace=False))
+
+
+def read_manifests(manifests: Sequence[str | os.PathLike]) -> tuple[int, list[Path]]:
+    """(dim, shard paths) of one or more shard manifests (e.g. one per rank)."""
+    dims, paths = set(), []
+    for manifest in manifests:
+        manifest = Path(manifest)
+        meta = json.loads(manifest.read_text())
+        dims.add(int(meta["dim"]))
+        paths += [manifest.parent / name for name in meta["shards"]]
+    if len(dims) != 1:
+        raise ValueError(f"shard manifests disagree on (or lack) the embedding size: {sorted(dims)}")
+    return dims.pop(), paths
+
+
+def sample_from_shards(manifests: Sequence[str | os.PathLike], rows: np.ndarray) -> np.ndarray:
+    """(len(rows), dim) vectors of the canonical `rows` (sorted, unique), read shard by shard.
+
+    Memory: the sample plus one shard.
+    """
+    dim, paths = read_manifests(manifests)
+    out = np.empty((rows.shape[0], dim), dtype=np.float32)
+    found = np.zeros(rows.shape[0], dtype=bool)
+    if not rows.size:
+        return out
+    for path in paths:
+        with np.load(path) as shard:
+            pos = shard["positions"]
+            slot = np.searchsorted(rows, pos)
+            hit = (slot < rows.shape[0]) & (rows[np.minimum(slot, rows.shape[0] - 1)] == pos)
+            if hit.any():
+                out[slot[hit]] = shard["embeddings"][hit]
+                found[slot[hit]] = True
+    if not found.all():
+        raise ValueError(f"{int((~found).sum())} sampled rows are in no shard (first {rows[~found][:5].tolist()})")
+    return out
+
+
+def index_shards(
+    index: DenseIndex,
+    manifests: Sequence[str | os.PathLike],
+    num_rows: int,
+    train_size: int = 262144,
+    seed: int = 0,
+) -> DenseIndex:
+    """Train (when needed) and fill `index` straight from embedding shards, one at a time.
+
+    The quantiser is trained on the rows `train_sample_rows` draws (read across the shards),
+    then every shard is added under its rows' canonical positions. Memory: the index plus one
+    shard (plus the training sample while training). The result equals `index_embeddings`
+    over the merged array: the same storage for a flat index, the same quantiser and codes
+    (hence the same search results) for IVF-PQ.
+
+    Args:
+        index: an empty index whose type supports `add_at` (flat on CPU, ivfpq).
+        manifests: shard manifests (`EmbeddingShardWriter.close`), e.g. one per rank.
+        num_rows: rows of the canonical order; every one must be in exactly one shard.
+        train_size: rows sampled for training.
+        seed: sampling seed.
+
+    Returns:
+        The same index, filled.
+    """
+    if not index.can_add_at:
+        raise ValueError(f"a {index.kind} index cannot be built from shards; use index_embeddings on the merged array")
+    dim, paths = read_manifests(manifests)
+    if dim != index.dim:
+        raise ValueError(f"shards hold {dim}-d vectors, the index is {index.dim}-d")
+    if not index.is_trained:
+        index.train(sample_from_shards(manifests, train_sample_rows(num_rows, train_size, seed)))
+    index.start_add_at(num_rows)
+    seen = np.zeros(num_rows, dtype=bool)
+    for path in paths:
+        with np.load(path) as shard:
+            pos, emb = shard["positions"], shard["embeddings"]
+        if pos.size and (pos.min() < 0 or pos.max() >= num_rows):
+            raise ValueError(f"shard {path.name}: positions outside [0, {num_rows})")
+        if seen[pos].any() or np.unique(pos).size != pos.size:
+            raise ValueError(f"shard {path.name}: some rows were already added")
+        seen[pos] = True
+        index.add_at(pos, emb)
+    if not seen.all():
+        raise ValueError(f"{int((~seen).sum())} of {num_rows} rows are in no shard")
     return index
 
 

@@ -1,0 +1,299 @@
+"""Coarse-to-fine (HiVLP-style) retrieval over the levels of a hierarchical embedding.
+
+A cascade is a list of stages `{dim, keep}` with growing `dim` and shrinking `keep`. Stage 1
+searches the whole corpus at its level (any index: flat / hnsw / ivfpq, or exact top-k) and
+keeps `keep` candidates per query; every later stage re-scores exactly the candidates the
+previous stage kept, at its own level (a gather of the candidate rows and one batched dot
+product per query block), and keeps its own `keep` best. The last stage's list is the result.
+
+Model-free: the caller hands in one (queries, corpus) pair of arrays per stage, e.g. the
+per-level embeddings `inference.py` writes.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from utils.config import ConfigError
+from utils.search.indexes import DenseIndex
+from utils.search.topk import MISSING_ID, ArrayLike, exact_topk
+
+# Bound on the floats of one gathered (query block x candidates x dim) tensor: 64 MiB.
+RESCORE_BLOCK_ELEMENTS = 1 << 24
+# Bound on one (query block x corpus block) score matrix of `threshold_topk`: 256 MiB.
+SCORE_BLOCK_ELEMENTS = 1 << 26
+# Below this k, `torch.topk` per block is cheap and `exact_topk` is used as is.
+THRESHOLD_TOPK_MIN_K = 64
+CASCADE_KEYS = ("dim", "keep")
+
+
+@dataclass(frozen=True)
+class CascadeStage:
+    """One stage: search (first) or re-score (later) at level `dim`, keep `keep` per query."""
+
+    dim: int
+    keep: int
+
+    def to_dict(self) -> dict[str, int]:
+        """JSON form, as written in a config."""
+        return {"dim": self.dim, "keep": self.keep}
+
+
+@dataclass
+class StageResult:
+    """What one stage kept: (Q, <= keep) scores and corpus rows (-1 = empty slot), best first."""
+
+    stage: CascadeStage
+    scores: np.ndarray
+    ids: np.ndarray
+    seconds: float
+
+
+def parse_cascade(
+    spec: Sequence[Mapping[str, Any]] | None,
+    top_k: int | None = None,
+    level_dims: Sequence[int] | None = None,
+    where: str = "retrieval.cascade",
+) -> list[CascadeStage]:
+    """Check a cascade spec; an empty one (cascade off) gives [].
+
+    Args:
+        spec: `[{dim, keep}, ...]`.
+        top_k: lists wanted at the end (the last `keep` must be at least this).
+        level_dims: the model's level sizes; every `dim` must be one of them.
+        where: the config key, named in errors.
+
+    Raises:
+        ConfigError: a stage that is not `{dim, keep}` with positive ints, dims not strictly
+            increasing, keeps increasing, a dim the model lacks, or a last keep below `top_k`.
+    """
+    if not spec:
+        return []
+    if not isinstance(spec, (list, tuple)):
+        raise ConfigError(f"{where}: expected a list of {{dim, keep}} stages, got {spec!r}")
+    stages = []
+    for i, raw in enumerate(spec):
+        if not isinstance(raw, Mapping) or set(raw) != set(CASCADE_KEYS):
+            raise ConfigError(f"{where}[{i}]: expected exactly the keys {list(CASCADE_KEYS)}, got {raw!r}")
+        values = [raw[key] for key in CASCADE_KEYS]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+            raise ConfigError(f"{where}[{i}]: dim and keep must be positive ints, got {dict(raw)}")
+        stages.append(CascadeStage(*values))
+    if any(b.dim <= a.dim for a, b in itertools.pairwise(stages)):
+        raise ConfigError(f"{where}: dims must be strictly increasing, got {[s.dim for s in stages]}")
+    if any(b.keep > a.keep for a, b in itertools.pairwise(stages)):
+        raise ConfigError(f"{where}: a stage cannot keep more than the one before, got {[s.keep for s in stages]}")
+    if level_dims is not None:
+        missing = [s.dim for s in stages if s.dim not in level_dims]
+        if missing:
+            raise ConfigError(f"{where}: dims {missing} are not levels of the model (its level dims: {list(level_dims)})")
+    if top_k is not None and stages[-1].keep < top_k:
+        raise ConfigError(f"{where}: the last stage keeps {stages[-1].keep}, below retrieval.top_k = {top_k}")
+    return stages
+
+
+def _as_tensor(x: ArrayLike, device: torch.device) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=torch.float32)
+    x = np.asarray(x)
+    if x.dtype != np.float32 or not x.flags.writeable or not x.flags.c_contiguous:
+        # A copy: memmaps are read-only, and torch wants writable arrays.
+        x = np.array(x, dtype=np.float32)
+    return torch.from_numpy(x).to(device)
+
+
+def _gather_rows(corpus: ArrayLike, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """corpus[rows] as a float32 tensor; a memmap is read in sorted row order, once per row."""
+    if isinstance(corpus, torch.Tensor):
+        return corpus.index_select(0, torch.from_numpy(rows).to(corpus.device)).to(device, torch.float32)
+    if not isinstance(corpus, np.memmap):
+        return torch.from_numpy(np.asarray(corpus[rows.reshape(-1)], dtype=np.float32)).to(device)
+    unique, inverse = np.unique(rows, return_inverse=True)
+    block = np.asarray(corpus[unique], dtype=np.float32)
+    return torch.from_numpy(block).to(device)[torch.from_numpy(inverse.reshape(-1)).to(device)]
+
+
+def _order_ties(scores: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best first, equal scores by corpus row (as `exact_topk`), empty slots (-1) last."""
+    by_id = ids.argsort(dim=1)
+    scores, ids = scores.gather(1, by_id), ids.gather(1, by_id)
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    return scores.gather(1, order), ids.gather(1, order)
+
+
+def threshold_topk(
+    queries: ArrayLike,
+    corpus: ArrayLike,
+    k: int,
+    corpus_block: int = 65536,
+    max_block_elements: int = SCORE_BLOCK_ELEMENTS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k for a large k (a first stage's `keep`) on a CPU.
+
+    `torch.topk` of k = 1,000 over every corpus block costs more than the low-dimensional
+    matmul itself. Here each block after the first only looks at scores above the running
+    k-th best of its query (a few per row once some blocks are in): they are compacted into a
+    short padded row and merged with `topk`. The same scores as `exact_topk` (which of several
+    rows tied at the k-th score is kept may differ, as between `exact_topk`'s block sizes).
+
+    Returns:
+        (scores float32 (Q, min(k, N)), rows int64 same shape), best first, equal scores by row.
+    """
+    n_q, n_c = queries.shape[0], corpus.shape[0]
+    k_eff = min(k, n_c)
+    out_s = np.empty((n_q, k_eff), dtype=np.float32)
+    out_i = np.empty((n_q, k_eff), dtype=np.int64)
+    if n_q == 0 or k_eff == 0:
+        return out_s, out_i
+    corpus_block = max(k_eff, min(corpus_block, n_c))
+    query_block = max(1, max_block_elements // corpus_block)
+    cpu = torch.device("cpu")
+    # A corpus that fits in one score block's memory is converted once, not per query block.
+    resident = isinstance(corpus, torch.Tensor) or n_c * corpus.shape[1] <= max_block_elements
+    blocks = [_as_tensor(corpus[c0 : c0 + corpus_block], cpu) for c0 in range(0, n_c, corpus_block)] if resident else None
+    for q0 in range(0, n_q, query_block):
+        q = _as_tensor(queries[q0 : q0 + query_block], cpu)
+        best_s = best_i = None
+        for c0 in range(0, n_c, corpus_block):
+            c = blocks[c0 // corpus_block] if blocks is not None else _as_tensor(corpus[c0 : c0 + corpus_block], cpu)
+            scores = q @ c.t()
+            if best_s is None or best_s.shape[1] < k_eff:
+                top_s, top_i = scores.topk(min(k_eff, scores.shape[1]), dim=1)
+                top_i = top_i + c0
+                if best_s is not None:
+                    top_s, pos = torch.cat([best_s, top_s], 1).topk(min(k_eff, best_s.shape[1] + top_s.shape[1]), dim=1)
+                    top_i = torch.cat([best_i, top_i], 1).gather(1, pos)
+                best_s, best_i = top_s, top_i
+                continue
+            # Only scores above the k-th best can enter (equal ones lose the tie to lower rows).
+            rows, cols = (scores > best_s[:, -1:]).nonzero(as_tuple=True)
+            if rows.numel() == 0:
+                continue
+            # nonzero lists row by row: a hit's slot is its place within its row.
+            counts = torch.bincount(rows, minlength=q.shape[0])
+            width = int(counts.max())
+            slot = torch.arange(rows.numel()) - (counts.cumsum(0) - counts)[rows]
+            cand_s = torch.full((q.shape[0], width), -torch.inf)
+            cand_i = torch.full((q.shape[0], width), MISSING_ID, dtype=torch.long)
+            cand_s[rows, slot] = scores[rows, cols]
+            cand_i[rows, slot] = cols + c0
+            best_s, pos = torch.cat([best_s, cand_s], 1).topk(k_eff, dim=1)
+            best_i = torch.cat([best_i, cand_i], 1).gather(1, pos)
+        best_s, best_i = _order_ties(best_s, best_i)
+        out_s[q0 : q0 + q.shape[0]] = best_s.numpy()
+        out_i[q0 : q0 + q.shape[0]] = best_i.numpy()
+    return out_s, out_i
+
+
+def rescore_candidates(
+    queries: ArrayLike,
+    corpus: ArrayLike,
+    candidates: np.ndarray,
+    keep: int,
+    device: torch.device | str | None = None,
+    max_block_elements: int = RESCORE_BLOCK_ELEMENTS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact scores of each query's candidates at this level, and the `keep` best of them.
+
+    Args:
+        queries: (Q, d) query embeddings of this level.
+        corpus: (N, d) corpus embeddings of this level (array, memmap or tensor).
+        candidates: (Q, C) int64 corpus rows per query; -1 marks an empty slot.
+        keep: candidates kept per query.
+        device: compute device (default CPU).
+        max_block_elements: bound on the gathered (queries x C x d) floats at a time.
+
+    Returns:
+        (scores float32 (Q, min(keep, C)), rows int64 same shape), best first; an empty slot
+        keeps id -1 and score -inf.
+    """
+    device = torch.device(device or "cpu")
+    candidates = np.asarray(candidates, dtype=np.int64)
+    n_q, n_c = candidates.shape
+    dim = queries.shape[1]
+    if corpus.shape[1] != dim:
+        raise ValueError(f"query dim {dim} != corpus dim {corpus.shape[1]}")
+    k_eff = min(keep, n_c)
+    out_s = np.full((n_q, k_eff), -np.inf, dtype=np.float32)
+    out_i = np.full((n_q, k_eff), MISSING_ID, dtype=np.int64)
+    if n_q == 0 or k_eff == 0:
+        return out_s, out_i
+    block = max(1, max_block_elements // max(1, n_c * dim))
+    for q0 in range(0, n_q, block):
+        cand = candidates[q0 : q0 + block]
+        missing = cand == MISSING_ID
+        rows = _gather_rows(corpus, np.where(missing, 0, cand), device).view(cand.shape[0], n_c, dim)
+        q = _as_tensor(queries[q0 : q0 + block], device)
+        scores = torch.bmm(rows, q.unsqueeze(2)).squeeze(2)
+        scores = scores.masked_fill(torch.from_numpy(missing).to(device), -torch.inf)
+        top_s, pos = scores.topk(k_eff, dim=1)
+        top_i = torch.from_numpy(cand).to(device).gather(1, pos)
+        top_s, top_i = _order_ties(top_s, top_i)
+        out_s[q0 : q0 + cand.shape[0]] = top_s.cpu().numpy()
+        out_i[q0 : q0 + cand.shape[0]] = top_i.cpu().numpy()
+    return out_s, out_i
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cascade_search(
+    queries: Sequence[ArrayLike],
+    corpora: Sequence[ArrayLike],
+    stages: Sequence[CascadeStage],
+    first_index: DenseIndex | None = None,
+    device: torch.device | str | None = None,
+    query_block: int = 65536,
+) -> list[StageResult]:
+    """Run a cascade: search at the first level, re-score the kept candidates at each next one.
+
+    Args:
+        queries: per stage, the (Q, stages[i].dim) query embeddings of its level.
+        corpora: per stage, the (N, stages[i].dim) corpus embeddings of its level.
+        stages: the cascade (`parse_cascade`).
+        first_index: an index over `corpora[0]` for stage 1; None = exact top-k on `device`.
+        device: compute device for exact search and re-scoring (default CPU).
+        query_block: queries per call of `first_index.search` (bounds memory).
+
+    Returns:
+        One `StageResult` per stage; the last holds the cascade's lists.
+    """
+    if not stages:
+        raise ValueError("a cascade needs at least one stage")
+    if len(queries) != len(stages) or len(corpora) != len(stages):
+        raise ValueError(f"{len(stages)} stages need as many query and corpus arrays, got {len(queries)} and {len(corpora)}")
+    for i, (stage, q, c) in enumerate(zip(stages, queries, corpora)):
+        if q.shape[1] != stage.dim or c.shape[1] != stage.dim:
+            raise ValueError(f"stage {i} is {stage.dim}-d but got queries {tuple(q.shape)} and corpus {tuple(c.shape)}")
+    device = torch.device(device or "cpu")
+    results: list[StageResult] = []
+    first = stages[0]
+    t0 = time.perf_counter()
+    if first_index is None and device.type == "cpu" and first.keep >= THRESHOLD_TOPK_MIN_K:
+        scores, ids = threshold_topk(queries[0], corpora[0], first.keep)
+    elif first_index is None:
+        scores, ids = exact_topk(queries[0], corpora[0], first.keep, device=device)
+        scores, ids = scores.cpu().numpy(), ids.cpu().numpy()
+    else:
+        parts = [
+            first_index.search(np.asarray(queries[0][s : s + query_block], dtype=np.float32), first.keep)
+            for s in range(0, queries[0].shape[0], query_block)
+        ]
+        scores = np.concatenate([p[0] for p in parts]) if parts else np.empty((0, 0), np.float32)
+        ids = np.concatenate([p[1] for p in parts]) if parts else np.empty((0, 0), np.int64)
+    _sync(device)
+    results.append(StageResult(first, scores, ids, time.perf_counter() - t0))
+    for stage, q, c in zip(stages[1:], queries[1:], corpora[1:]):
+        t0 = time.perf_counter()
+        scores, ids = rescore_candidates(q, c, results[-1].ids, stage.keep, device)
+        _sync(device)
+        results.append(StageResult(stage, scores, ids, time.perf_counter() - t0))
+    return results
