@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from data.composed_negatives import BimodalNegatives
 from data.datasets import RetrievalDataset, retrieval_collate
 from model.biencoder import BiEncoder
 from model.checkpoint import load_biencoder_weights
@@ -85,6 +86,9 @@ def check_paths(cfg: RunConfig) -> None:
             require_path(txt, f"{split}_txt_db", "dir")
             require_path(img, f"{split}_img_db", "dir")
     check_model_paths(cfg.model)
+    bimodal = BimodalNegatives.from_dict(cfg.train.bimodal_negatives)
+    if bimodal is not None and bimodal.vocab:
+        require_path(bimodal.vocab, "train.bimodal_negatives.vocab", "file")
 
 
 def itm_loss(model: torch.nn.Module, batch: Mapping[str, Any], task: str) -> dict[str, torch.Tensor]:
@@ -96,7 +100,9 @@ def itm_loss(model: torch.nn.Module, batch: Mapping[str, Any], task: str) -> dic
     if isinstance(txt_emb, list):
         out = hierarchical_contrastive_loss(txt_emb, img_emb, _bare_model(model).hierarchy.weights, **keys)
     else:
-        out = contrastive_loss(txt_emb, img_emb, **keys)
+        # A VLDeformer scales its (cosine) logits; the LightningDOT bi-encoder does not.
+        out = contrastive_loss(txt_emb, img_emb, **keys,
+                               temperature=getattr(_bare_model(model), "loss_temperature", 1.0))
     return {"loss": out.loss, "acc_t2i": out.n_correct_t2i.float() / out.n_pos,
             "acc_i2t": out.n_correct_i2t.float() / out.n_pos}
 
@@ -139,6 +145,7 @@ def main(
         txt_dbs = [open_txt_db(p, cfg.data) for p in cfg.data.train_txt_dbs]
         img_dbs = [open_img_db(p, cfg.data) for p in cfg.data.train_img_dbs]
         dataset = RetrievalDataset(txt_dbs, img_dbs)
+        dataset.set_bimodal_negatives(BimodalNegatives.from_dict(cfg.train.bimodal_negatives), cfg.train.seed)
         sampler = make_batch_sampler(
             dataset.lens, cfg.train.train_batch_size, cfg.train.batch_size_unit, env,
             seed=cfg.train.seed, shuffle=True, img_names=dataset.img_names,

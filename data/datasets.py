@@ -21,6 +21,14 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
+from data.composed_negatives import (
+    BimodalNegatives,
+    composed_caption_id,
+    composed_image_name,
+    mix_regions,
+    read_object_vocab,
+    replace_words,
+)
 from data.img_db import ImgDb, image_key
 from data.txt_db import TxtDb
 from utils.config import ConfigError
@@ -286,6 +294,25 @@ class RetrievalDataset(_HardNegativeDataset):
     caption and captions for the image) set with :meth:`set_hard_negatives`.
     """
 
+    bimodal: BimodalNegatives | None = None
+
+    def set_bimodal_negatives(self, spec: BimodalNegatives | None, seed: int = 0) -> None:
+        """Add VLDeformer's composed negatives (data/composed_negatives.py) to every example
+        from now on, after its mined ones; None turns them off. Draws depend on `seed`, the
+        epoch (`set_epoch`) and the example only.
+
+        Raises:
+            MissingPathError / DataError: the vocabulary file is missing or unreadable.
+        """
+        self.bimodal, self._bimodal_seed, self._bimodal_epoch = spec, seed, 0
+        self._bimodal_vocab = read_object_vocab(spec.vocab) if spec is not None and spec.text > 0 else []
+        # Per database, the images another image's regions may come from.
+        self._bimodal_images = [sorted(tdb.img2txts) for tdb in self.txt_dbs]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch whose composed negatives ``__getitem__`` draws."""
+        self._bimodal_epoch = epoch
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         k, txt_id = self._examples[i]
         name = self.img_names[i]
@@ -300,7 +327,30 @@ class RetrievalDataset(_HardNegativeDataset):
             tdb = self.txt_dbs[k]
             for neg in list(self.hard_negatives.img2neg_txts.get(name, ()))[:n]:
                 item["neg_txts"].append((neg, self._text(k, neg), tdb.txt2img[neg]))
+        if self.bimodal is not None:
+            self._add_composed(item, k, i)
         return item
+
+    def _add_composed(self, item: dict[str, Any], k: int, i: int) -> None:
+        """Append the example's composed captions and images (names never of real ones)."""
+        spec, txt_id = self.bimodal, item["txt_id"]
+        rng = np.random.default_rng([self._bimodal_seed, self._bimodal_epoch, i, 0xB1])
+        ids = item["input_ids"].tolist()
+        for j in range(spec.text):
+            composed = replace_words(ids, self._bimodal_vocab, spec.word_replace_prob, rng)
+            if composed is None:
+                break  # no object word to replace: a composed caption would be the positive
+            fake = composed_caption_id(txt_id, j)
+            item["neg_txts"].append((fake, torch.tensor(composed, dtype=torch.long), fake))
+        images = self._bimodal_images[k]
+        for j in range(spec.image if len(images) > 1 else 0):
+            other = images[int(rng.integers(len(images) - 1))]
+            if other == item["img_name"]:
+                other = images[-1]
+            other_feat, other_pos = self._image(k, other)
+            feat, pos = mix_regions((item["img_feat"], item["img_pos"]), (other_feat, other_pos),
+                                    spec.region_mix, rng)
+            item["neg_imgs"].append((composed_image_name(txt_id, j), feat, pos))
 
 
 def retrieval_collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:

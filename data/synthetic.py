@@ -13,6 +13,8 @@ the databases through :mod:`data.converters`:
 
     OUT/txt_db/{train,val,test}/  OUT/img_db/  OUT/tokenizer/  OUT/captions.json
     OUT/objects.json (image name -> its objects)  OUT/manifest.json
+    OUT/object_vocab.txt (token ids of the object, colour and size words, by group: the
+    vocabulary of the composed caption negatives, data/composed_negatives.py)
 """
 from __future__ import annotations
 
@@ -26,12 +28,14 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from data.composed_negatives import write_object_vocab
 from data.converters import convert_karpathy, convert_npz_dir
 from data.lmdb_io import atomic_dir
 from utils.errors import MissingPathError
 from utils.region_features import FEAT_DIM, NUM_LABELS
 
 MANIFEST = "manifest.json"
+OBJECT_VOCAB = "object_vocab.txt"
 MANIFEST_VERSION = 1
 SPLITS = ("train", "val", "test")
 
@@ -90,6 +94,16 @@ def vocabulary() -> list[str]:
     pieces = ["##" + c for c in letters + digits] + ["##s"]
     extra = [c for c in letters + digits if c not in words]
     return vocab + words + extra + list(dict.fromkeys(pieces))
+
+
+def write_synthetic_object_vocab(out_dir: str) -> str:
+    """Writes OUT/object_vocab.txt (groups `object`, `colour`, `size`); returns its path."""
+    ids = {t: i for i, t in enumerate(vocabulary())}
+    groups = [("object", OBJECTS), ("colour", COLOURS), ("size", SIZES)]
+    rows = [(ids[w], g, w) for g, words in groups for w in words]
+    path = os.path.join(out_dir, OBJECT_VOCAB)
+    write_object_vocab(path, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+    return path
 
 
 def write_tokenizer(out_dir: str) -> None:
@@ -351,6 +365,9 @@ def generate(out_dir: str, cfg: SyntheticConfig = SyntheticConfig(),
             old = json.load(f)
         if old.get("args") == args and old.get("version") == MANIFEST_VERSION:
             print(f"reusing synthetic dataset at {os.path.abspath(out_dir)} (same arguments)")
+            if not os.path.isfile(os.path.join(out_dir, OBJECT_VOCAB)):
+                # Datasets made before the file existed: it depends on the vocabulary alone.
+                write_synthetic_object_vocab(out_dir)
             return load_manifest(out_dir)
         print(f"regenerating synthetic dataset at {os.path.abspath(out_dir)} "
               f"(arguments changed)")
@@ -360,6 +377,7 @@ def generate(out_dir: str, cfg: SyntheticConfig = SyntheticConfig(),
         counts = _write_npz_and_json(stage, cfg, progress)
         tok_dir = os.path.join(stage, "tokenizer")
         write_tokenizer(tok_dir)
+        write_synthetic_object_vocab(stage)
         convert_npz_dir(os.path.join(stage, "npz"), os.path.join(stage, "img_db"),
                         progress=progress)
         for split in SPLITS:

@@ -39,6 +39,12 @@ from model.state_dicts import (
     select_prefix,
 )
 from model.towers import ImageTower, TextTower, hf_weights_file
+from model.vldeformer import (
+    VLDeformer,
+    VLDeformerConfig,
+    is_vldeformer_config,
+    load_vldeformer_init,
+)
 from utils.errors import MissingPathError
 from utils.region_features import NUM_LABELS
 
@@ -56,6 +62,7 @@ __all__ = [
     "load_image_tower_from_uniter",
     "load_pretrain_weights",
     "load_text_tower_weights",
+    "load_vldeformer_init_file",
     "make_checkpoint",
     "read_checkpoint",
 ]
@@ -96,14 +103,16 @@ def detect_format(obj: Mapping[str, Any]) -> str:
 
 
 def make_checkpoint(
-    model: BiEncoder | PretrainModel | UniterCrossEncoder,
+    model: BiEncoder | VLDeformer | PretrainModel | UniterCrossEncoder,
     run_config: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The checkpoint dict of `model` in our format (pass it to your own atomic writer).
 
     Args:
-        model: a bi-encoder, pre-training model or cross-encoder (not a DDP wrapper).
+        model: a bi-encoder (either family: a VLDeformer is stored in the bi-encoder format,
+            its config's `model_type` telling the two apart), pre-training model or
+            cross-encoder (not a DDP wrapper).
         run_config: the run configuration as a plain dict (stored as given).
         extra: anything else to store (plain Python values and tensors), e.g. the step.
     """
@@ -114,7 +123,7 @@ def make_checkpoint(
             "img_label_dim": model.region_classifier.net[-1].out_features,
             "mask_duplicates": model.mask_duplicates,
         }
-    elif isinstance(model, BiEncoder):
+    elif isinstance(model, (BiEncoder, VLDeformer)):
         fmt = BIENCODER_FORMAT
         model_config = model.config.to_dict()
     elif isinstance(model, UniterCrossEncoder):
@@ -164,11 +173,16 @@ def _biencoder_config(obj: Mapping[str, Any]) -> BiEncoderConfig:
     return BiEncoderConfig.from_dict(data)
 
 
-def build_biencoder_from_checkpoint(path: PathLike) -> BiEncoder:
-    """Rebuild a bi-encoder from one of our bi-encoder or pre-training checkpoints alone."""
+def build_biencoder_from_checkpoint(path: PathLike) -> BiEncoder | VLDeformer:
+    """Rebuild a bi-encoder (LightningDOT or VLDeformer, as its stored config says) from one
+    of our bi-encoder or pre-training checkpoints alone."""
     obj = read_checkpoint(path)
     if obj["format"] == CROSS_ENCODER_FORMAT:
         raise CheckpointError(f"{path} holds a cross-encoder, not a bi-encoder")
+    if is_vldeformer_config(obj["model_config"]):
+        vld = VLDeformer(VLDeformerConfig.from_dict(obj["model_config"]))
+        load_strict(vld, obj["model"], path, "VLDeformer bi-encoder")
+        return vld
     model = BiEncoder(_biencoder_config(obj))
     state = obj["model"]
     if obj["format"] == PRETRAIN_FORMAT:
@@ -316,6 +330,25 @@ def load_cross_encoder_weights(
         state = drop_prefixes(state, ("cls.", "feat_regress.", "region_classifier."))
     load_strict(model, state, path, "UNITER cross-encoder", allow_missing=("rank_output.",))
     model.tie_rank_output()
+
+
+def load_vldeformer_init_file(model: VLDeformer, path: PathLike) -> dict[str, list[str]]:
+    """Decompose a cross-encoder: fill `model`'s UNITER body from an original UNITER file
+    (`uniter.*`, `gamma`/`beta` names allowed) or our cross-encoder checkpoint.
+
+    Returns:
+        `load_vldeformer_init`'s report: the file's keys used and unused (the ITM head).
+    """
+    obj = read_weights(path)
+    if detect_format(obj) in OUR_FORMATS:
+        obj = _check_ours(obj, path)
+        if obj["format"] != CROSS_ENCODER_FORMAT:
+            raise CheckpointError(
+                f"{path} holds a {obj['format']} checkpoint; a VLDeformer starts from a UNITER "
+                f"cross-encoder (rerank.py train output or an original UNITER file)"
+            )
+        obj = obj["model"]
+    return load_vldeformer_init(model, obj, path)
 
 
 def load_text_tower_weights(target: BiEncoder | TextTower, path: PathLike) -> None:

@@ -47,6 +47,7 @@ def contrastive_loss(
     img_keys: torch.Tensor | None = None,
     mask_duplicates: bool = True,
     gather: bool = True,
+    temperature: float = 1.0,
 ) -> ContrastiveOutput:
     """In-batch bidirectional contrastive loss (SPEC 5 CMR, SPEC 6).
 
@@ -67,6 +68,8 @@ def contrastive_loss(
             Every rank then computes the same global loss; the gather's backward sums the
             ranks' gradients, which DDP / Horovod averaging turns into exactly the gradient
             of one process on the concatenated batch.
+        temperature: the logits are S / temperature (1.0: LightningDOT's plain dot product;
+            VLDeformer uses cosine scores at 0.005).
 
     Returns:
         A `ContrastiveOutput`; `loss` is a scalar float32 tensor.
@@ -102,6 +105,8 @@ def contrastive_loss(
 
     # float32 logits: fp16 dot products of 768-d embeddings overflow softmax easily.
     scores = txt_emb.float() @ img_emb.float().t()
+    if temperature != 1.0:
+        scores = scores / temperature
     t2i = scores[:n_pos]
     i2t = scores[:, :n_pos].t()
     target = torch.arange(n_pos, device=scores.device)

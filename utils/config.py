@@ -64,8 +64,31 @@ class ModelConfig:
     # HiVLP embedding hierarchy (utils/hierarchy.py): {mode: prefix|heads, dims: [...],
     # weights: [...]}; empty = off (one flat embedding, as before).
     hierarchy: dict[str, Any] = field(default_factory=dict)
+    # Model family: `lightningdot` (BERT text tower + UNITER image tower) or `vldeformer`
+    # (model/vldeformer.py: one UNITER body run on text alone and on regions alone; its
+    # architecture is `img_model_config`, or the `uniter_checkpoint`'s when that is ours).
+    # The keys below up to `uniter_checkpoint` only apply to `vldeformer`; `project_dim`
+    # applies to both (0 = no projection, as in the original VLDeformer).
+    type: Literal["lightningdot", "vldeformer"] = "lightningdot"
+    # `mean`: masked mean over the real output positions; `cls`: position 0.
+    pooling: Literal["cls", "mean"] = "mean"
+    # Put a [CLS] slot in front of the regions in the image pass.
+    image_cls: bool = False
+    # tanh on the pooled state (the original VLDeformer does).
+    pool_tanh: bool = True
+    # `cosine` L2-normalises both embeddings (the index's dot product is then the cosine).
+    score: Literal["dot", "cosine"] = "cosine"
+    # The contrastive loss divides its logits by this (the original uses 0.005 with cosine).
+    temperature: float = 0.005
+    # The decomposition: an original UNITER checkpoint or our cross-encoder checkpoint
+    # (rerank.py train output) whose UNITER body initialises the model; its ITM head is dropped.
+    uniter_checkpoint: str | None = None
 
     def __post_init__(self) -> None:
+        if self.type == "vldeformer" and self.hierarchy:
+            raise ConfigError("model.hierarchy is not supported with model.type vldeformer; leave it empty")
+        if not self.temperature > 0:
+            raise ConfigError(f"model.temperature must be > 0, got {self.temperature}")
         # Checked here so a bad spec fails when the config loads, before any data is read.
         # With project_dim 0 the full size is the tower's hidden size, checked at model build.
         try:
@@ -154,6 +177,10 @@ class TrainConfig:
     distributed: Literal["auto", "none", "ddp", "horovod"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
+    # VLDeformer's bi-modal hard negatives (data/composed_negatives.py), for either model
+    # family: {text: N, image: M, word_replace_prob: 0.3, region_mix: 0.5, vocab: FILE}, N
+    # composed captions and M composed images per positive pair; empty = off.
+    bimodal_negatives: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -173,9 +200,17 @@ class RetrievalConfig:
     inf_minibatch_size: int = 0
     # Candidates saved per query in topk.json.
     top_k: int = 100
+    # Rows sampled (across the embedding shards) to train an index's quantiser; faiss wants
+    # about 39 per IVF list, so a large `nlist` needs a large sample (e.g. 2.6M for 65,536).
+    index_train_size: int = 262144
     # COCO 1K protocol: average over 5 folds of 1,000 images.
     coco_1k: bool = False
     eval_split: Literal["val", "test"] = "test"
+    # Coarse-to-fine retrieval over a hierarchical model's levels (utils/search/cascade.py):
+    # [{dim: 64, keep: 1000}, {dim: 256, keep: 100}, {dim: 768, keep: 20}] searches the index
+    # of the first level, then re-scores the kept candidates exactly at each next level;
+    # topk.json then holds the last stage's lists. Empty = off. Checked by inference.py.
+    cascade: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass

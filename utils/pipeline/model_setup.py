@@ -7,6 +7,11 @@ weights initialise the text tower), `img_model_config` (image tower config JSON)
 `biencoder_checkpoint` (a whole bi-encoder: ours, original fine-tuned or pre-trained), and for
 pre-training `pretrain_checkpoint` (a whole pre-training model with its heads). Later ones override
 earlier ones.
+
+`model.type` picks the family here, and only here: `lightningdot` builds the two-tower
+`BiEncoder`, `vldeformer` a `VLDeformer` (model/vldeformer.py) initialised from
+`uniter_checkpoint` (the decomposition), then from `biencoder_checkpoint` when set. Both
+have the same surface, so nothing downstream branches on the family.
 """
 from __future__ import annotations
 
@@ -14,9 +19,18 @@ import logging
 from typing import Any
 
 from model.biencoder import BiEncoder, build_biencoder
-from model.checkpoint import initialise_biencoder, load_pretrain_weights
+from model.checkpoint import (
+    CROSS_ENCODER_FORMAT,
+    initialise_biencoder,
+    load_biencoder_weights,
+    load_pretrain_weights,
+    load_vldeformer_init_file,
+    read_checkpoint,
+)
 from model.pretrain_heads import PretrainModel
+from model.state_dicts import read_weights
 from model.towers import read_bert_config
+from model.vldeformer import VLDeformer, VLDeformerConfig
 from utils.config import ConfigError, ModelConfig, require_path
 from utils.errors import MissingPathError
 from utils.hierarchy import Hierarchy, HierarchyError
@@ -30,7 +44,7 @@ def check_model_paths(cfg: ModelConfig, *, pretrain: bool = False) -> None:
     (`txt_model_config` / `img_model_config` are checked when the model is built: a hub
     name there gets its own message.)
     """
-    for key in ("txt_checkpoint", "img_checkpoint", "biencoder_checkpoint"):
+    for key in ("txt_checkpoint", "img_checkpoint", "biencoder_checkpoint", "uniter_checkpoint"):
         if getattr(cfg, key):
             require_path(getattr(cfg, key), key, "file")
     if pretrain and cfg.pretrain_checkpoint:
@@ -53,8 +67,65 @@ def _checked_hierarchy(cfg: ModelConfig) -> dict[str, Any] | None:
     return dict(cfg.hierarchy)
 
 
-def build_biencoder_for_run(cfg: ModelConfig) -> BiEncoder:
-    """The bi-encoder of the model section, initialised from the checkpoints it names.
+def _vldeformer_bert_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The UNITER architecture of a VLDeformer run: `img_model_config`, or the stored config
+    of our cross-encoder checkpoint named by `uniter_checkpoint`."""
+    if cfg.img_model_config:
+        return read_bert_config(cfg.img_model_config, "img_model_config")
+    if cfg.uniter_checkpoint and "format" in read_weights(cfg.uniter_checkpoint):
+        obj = read_checkpoint(cfg.uniter_checkpoint)
+        if obj["format"] == CROSS_ENCODER_FORMAT:
+            return dict(obj["model_config"]["bert_config"])
+    raise MissingPathError(
+        "model.type is vldeformer: set model.img_model_config to the UNITER config JSON (or "
+        "model.uniter_checkpoint to a cross-encoder checkpoint of rerank.py train, which holds it)"
+    )
+
+
+def build_vldeformer_for_run(cfg: ModelConfig) -> VLDeformer:
+    """The VLDeformer of the model section: its UNITER body from `uniter_checkpoint` (an
+    original UNITER file or our cross-encoder), then `biencoder_checkpoint` (ours) when set.
+
+    Raises:
+        ConfigError: a LightningDOT-only key (`txt_checkpoint`, `img_checkpoint`,
+            `fix_txt_encoder`, `fix_img_encoder`) is set.
+        FileNotFoundError: a config or checkpoint path does not exist (the key is named).
+    """
+    for key in ("txt_checkpoint", "img_checkpoint"):
+        if getattr(cfg, key):
+            raise ConfigError(
+                f"model.{key} is for model.type lightningdot; a vldeformer starts from "
+                f"model.uniter_checkpoint (UNITER or cross-encoder weights)"
+            )
+    for key in ("fix_txt_encoder", "fix_img_encoder"):
+        if getattr(cfg, key):
+            raise ConfigError(f"model.{key}: a vldeformer shares one encoder between text and images")
+    check_model_paths(cfg)
+    config = VLDeformerConfig(
+        bert_config=_vldeformer_bert_config(cfg),
+        pooling=cfg.pooling,
+        image_cls=cfg.image_cls,
+        pool_tanh=cfg.pool_tanh,
+        project_dim=cfg.project_dim,
+        score=cfg.score,
+        temperature=cfg.temperature,
+        dropout=cfg.dropout,
+        execution=cfg.execution,
+    )
+    model = VLDeformer(config)
+    if cfg.uniter_checkpoint:
+        report = load_vldeformer_init_file(model, cfg.uniter_checkpoint)
+        logger.info("model.uniter_checkpoint: %d keys used, unused: %s", len(report["used"]),
+                    ", ".join(report["unused"]) or "none")
+    if cfg.biencoder_checkpoint:
+        load_biencoder_weights(model, cfg.biencoder_checkpoint)
+        logger.info("model.biencoder_checkpoint: loaded %s", cfg.biencoder_checkpoint)
+    return model
+
+
+def build_biencoder_for_run(cfg: ModelConfig) -> BiEncoder | VLDeformer:
+    """The bi-encoder of the model section (the family `model.type` names), initialised
+    from the checkpoints it names.
 
     Args:
         cfg: the run config's model section.
@@ -62,6 +133,8 @@ def build_biencoder_for_run(cfg: ModelConfig) -> BiEncoder:
     Raises:
         FileNotFoundError: a config or checkpoint path does not exist (the key is named).
     """
+    if cfg.type == "vldeformer":
+        return build_vldeformer_for_run(cfg)
     if not cfg.txt_model_config:
         raise MissingPathError(
             "config key 'txt_model_config' is not set: give a local HF BERT directory or a BERT config JSON"
@@ -95,6 +168,8 @@ def build_pretrain_model_for_run(cfg: ModelConfig, mask_duplicates: bool = True)
             checkpoint (original `model_step_N.pt` or ours) loaded last, heads included.
         mask_duplicates: CMR removes other captions of a row's image from its negatives.
     """
+    if cfg.type != "lightningdot":
+        raise ConfigError(f"pre-training builds a LightningDOT bi-encoder; model.type is {cfg.type!r}")
     check_model_paths(cfg, pretrain=True)
     model = PretrainModel(build_biencoder_for_run(cfg), mask_duplicates=mask_duplicates)
     if cfg.pretrain_checkpoint:
