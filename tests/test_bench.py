@@ -66,3 +66,15 @@ def test_quick_cascade_section(tmp_path: Path) -> None:
             assert row["ok"] is True and row["ratio"] > 0
             assert [(s["dim"], s["keep"]) for s in row["extra"]["stages"]] == [tuple(st) for st in stages]
             assert 90.0 <= row["extra"]["recall_at_k"] <= 100.0 and len(row["extra"]["stage_ms"]) == len(stages)
+        for name, (_, _, stages) in bench.IVF_CASCADES.items():
+            row = rows[f"Q={q} {name}"]
+            assert row["ok"] is True and row["ratio"] > 0
+            assert [(s["dim"], s["keep"]) for s in row["extra"]["stages"]] == [tuple(st) for st in stages]
+            assert 0.0 <= row["extra"]["recall_at_k"] <= 100.0
+    n = rows["data"]["value"]
+    for name, (nlist, nprobe, stages) in bench.IVF_CASCADES.items():
+        # nlist scaled to the quick corpus, nprobe keeping the probed fraction.
+        nlist_n = max(4, round(nlist * n / 1_000_000))
+        assert rows[f"ivfflat {stages[0][0]}-d nlist {nlist_n} build s"]["value"] > 0
+        assert rows[f"Q=64 {name}"]["extra"]["nprobe"] == max(1, round(nprobe * nlist_n / nlist))
+    assert rows["data"]["extra"]["faiss_threads"] >= 1

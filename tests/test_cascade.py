@@ -18,6 +18,7 @@ from utils.config import ConfigError
 from utils.search.cascade import (
     CascadeStage,
     cascade_search,
+    ivf_threshold_topk,
     parse_cascade,
     rescore_candidates,
     threshold_topk,
@@ -56,11 +57,18 @@ def brute_topk(q: np.ndarray, x: np.ndarray, k: int) -> tuple[np.ndarray, np.nda
     return np.take_along_axis(s, ids, 1), ids
 
 
-@pytest.mark.parametrize("use_index", [False, True])
-def test_cascade_keeping_everything_is_flat_exact_topk(use_index):
+@pytest.mark.parametrize("first", [None, "flat", "ivfflat"])
+def test_cascade_keeping_everything_is_flat_exact_topk(first):
     corpus, queries = prefix_data(300, 20)
     stages = [CascadeStage(8, 300), CascadeStage(16, 400), CascadeStage(32, 300)]
-    index = index_embeddings(FlatIndex(8, use_gpu=False), corpus[:, :8]) if use_index else None
+    # IVF-Flat probing all of its 4 lists scores every row exactly, as flat search does.
+    index = {
+        None: None,
+        "flat": FlatIndex(8, use_gpu=False),
+        "ivfflat": build_index("ivfflat", 8, nlist=4, nprobe=4, use_gpu=False),
+    }[first]
+    if index is not None:
+        index_embeddings(index, corpus[:, :8])
     results = cascade_search(levels(queries), levels(corpus), stages, first_index=index)
     ref_s, ref_i = brute_topk(queries, corpus, 10)
     final = results[-1]
@@ -109,6 +117,34 @@ def test_threshold_topk_equals_brute_force(ties):
             assert all(sorted(zip(-s_row, i_row)) == list(zip(-s_row, i_row)) for s_row, i_row in zip(scores, ids))
         else:
             np.testing.assert_array_equal(ids, ref_i)
+
+
+def test_ivf_threshold_topk_equals_brute_force_over_the_probed_lists():
+    corpus, queries = prefix_data(4000, 40, seed=5)
+    index = index_embeddings(build_index("ivfflat", 32, nlist=20, nprobe=5, use_gpu=False), corpus)
+    # Reference: each row's list and each query's 5 best centroids, then brute force over
+    # exactly the rows of those lists.
+    centroids = index.centroids().astype(np.float64)
+    row_list = np.argmax(corpus.astype(np.float64) @ centroids.T, axis=1)
+    probed = np.argsort(-(queries.astype(np.float64) @ centroids.T), axis=1)[:, :5]
+    for k, block in ((64, 7), (300, 40), (5000, 16)):
+        scores, ids = ivf_threshold_topk(queries, index, k, query_block=block)
+        assert scores.shape == ids.shape == (40, min(k, 4000))
+        for q in range(40):
+            members = np.nonzero(np.isin(row_list, probed[q]))[0]
+            ref_s, ref_i = brute_topk(queries[q : q + 1], corpus[members], min(k, members.size))
+            n = ref_i.shape[1]
+            # The reference's scores, by distinct rows of the probed lists scored exactly
+            # (rows of float32-equal scores may swap places, so rows are not compared in order).
+            np.testing.assert_allclose(scores[q, :n], ref_s[0], rtol=1e-5, atol=1e-5)
+            assert len(set(ids[q, :n].tolist())) == n and np.isin(ids[q, :n], members).all()
+            exact = corpus[ids[q, :n]].astype(np.float64) @ queries[q].astype(np.float64)
+            np.testing.assert_allclose(scores[q, :n], exact, rtol=1e-5, atol=1e-5)
+            # Fewer rows in the probed lists than k: the rest are empty slots.
+            assert (ids[q, n:] == -1).all() and np.isneginf(scores[q, n:]).all()
+    # The same lists as faiss's own search of the index.
+    f_s, _ = index.search(queries, 300)
+    np.testing.assert_allclose(ivf_threshold_topk(queries, index, 300)[0], f_s, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("as_memmap", [False, True])

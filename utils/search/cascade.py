@@ -1,10 +1,11 @@
 """Coarse-to-fine (HiVLP-style) retrieval over the levels of a hierarchical embedding.
 
 A cascade is a list of stages `{dim, keep}` with growing `dim` and shrinking `keep`. Stage 1
-searches the whole corpus at its level (any index: flat / hnsw / ivfpq, or exact top-k) and
-keeps `keep` candidates per query; every later stage re-scores exactly the candidates the
-previous stage kept, at its own level (a gather of the candidate rows and one batched dot
-product per query block), and keeps its own `keep` best. The last stage's list is the result.
+searches the corpus at its level (any index: flat / hnsw / ivfpq / ivfflat, or exact top-k;
+an IVF index scores only the rows of the lists it probes) and keeps `keep` candidates per
+query; every later stage re-scores exactly the candidates the previous stage kept, at its
+own level (a gather of the candidate rows and one batched dot product per query block), and
+keeps its own `keep` best. The last stage's list is the result.
 
 Model-free: the caller hands in one (queries, corpus) pair of arrays per stage, e.g. the
 per-level embeddings `inference.py` writes.
@@ -12,6 +13,7 @@ per-level embeddings `inference.py` writes.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 
 from utils.config import ConfigError
-from utils.search.indexes import DenseIndex
+from utils.search.indexes import DenseIndex, IVFFlatIndex
 from utils.search.topk import MISSING_ID, ArrayLike, exact_topk
 
 # Bound on the floats of one gathered (query block x candidates x dim) tensor: 64 MiB.
@@ -191,6 +193,103 @@ def threshold_topk(
     return out_s, out_i
 
 
+def ivf_threshold_topk(
+    queries: ArrayLike, index: IVFFlatIndex, k: int, query_block: int = 4096
+) -> tuple[np.ndarray, np.ndarray]:
+    """An IVF-Flat index's search (the `index.nprobe` lists of highest centroid score per
+    query, rows scored exactly) for a large k on a CPU, as batched matmuls.
+
+    faiss scans a list one query at a time with a k-heap; with k = 1,000 and many queries
+    that is far slower than a matrix product. Here the probed lists are taken in rounds of
+    growing size (each query's closest lists first): in a round every list is multiplied by
+    all the queries that probe it in that round, only scores at or above a query's running
+    k-th best are kept, and those are merged into its running top-k, which raises the bar
+    for the next round.
+
+    Returns:
+        (scores float32 (Q, min(k, ntotal)), rows int64 same shape), best first, equal scores
+        by row; a query whose lists hold fewer than k rows has empty slots (-1, -inf) last.
+    """
+    n_q = queries.shape[0]
+    k_eff = min(k, index.ntotal)
+    out_s = np.full((n_q, k_eff), -np.inf, dtype=np.float32)
+    out_i = np.full((n_q, k_eff), MISSING_ID, dtype=np.int64)
+    if n_q == 0 or k_eff == 0:
+        return out_s, out_i
+    cpu = torch.device("cpu")
+    offsets, ids, vectors = (torch.from_numpy(a) for a in index.lists())
+    centroids = torch.from_numpy(index.centroids())
+    nlist = centroids.shape[0]
+    nprobe = min(index.nprobe, nlist)
+    # Rounds of probe slots [edges[i], edges[i+1]): the first holds ~2k rows on average, each
+    # next one 4x as many lists as all before it.
+    edges = [0, min(nprobe, max(1, math.ceil(2 * k_eff * nlist / index.ntotal)))]
+    while edges[-1] < nprobe:
+        edges.append(min(nprobe, 5 * edges[-1]))
+    for q0 in range(0, n_q, query_block):
+        q = _as_tensor(queries[q0 : q0 + query_block], cpu)
+        m = q.shape[0]
+        probe = (q @ centroids.t()).topk(nprobe, dim=1).indices
+        best_s = torch.full((m, k_eff), -torch.inf)
+        best_c = torch.full((m, k_eff), MISSING_ID, dtype=torch.long)
+        for lo, hi in itertools.pairwise(edges):
+            # Scores equal to the running k-th best are kept too (which of rows tied at the
+            # final k-th score survive is free, as in `threshold_topk`).
+            rows, scores, cols = _list_scores(q, probe[:, lo:hi], offsets, vectors, best_s[:, -1])
+            cand_s, cand_c = _compact(rows, scores, cols, m)
+            best_s, pos = torch.cat([best_s, cand_s], 1).topk(k_eff, dim=1)
+            best_c = torch.cat([best_c, cand_c], 1).gather(1, pos)
+        best_i = torch.where(best_c == MISSING_ID, MISSING_ID, ids[best_c.clamp(min=0)])
+        best_s, best_i = _order_ties(best_s, best_i)
+        out_s[q0 : q0 + m] = best_s.numpy()
+        out_i[q0 : q0 + m] = best_i.numpy()
+    return out_s, out_i
+
+
+def _compact(rows: torch.Tensor, scores: torch.Tensor, cols: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m, max hits per query) scores and list rows of the hits, query r's in row r (-inf / -1
+    padding)."""
+    order = rows.argsort(stable=True)
+    rows, scores, cols = rows[order], scores[order], cols[order]
+    counts = torch.bincount(rows, minlength=m)
+    slot = torch.arange(rows.numel()) - (counts.cumsum(0) - counts)[rows]
+    width = int(counts.max()) if rows.numel() else 0
+    out_s = torch.full((m, width), -torch.inf)
+    out_c = torch.full((m, width), MISSING_ID, dtype=torch.long)
+    out_s[rows, slot] = scores
+    out_c[rows, slot] = cols
+    return out_s, out_c
+
+
+def _list_scores(
+    q: torch.Tensor, probe: torch.Tensor, offsets: torch.Tensor, vectors: torch.Tensor, bound: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(query, score, list row) of every row of the `probe`d lists (per query) whose score is
+    at or above the query's `bound`, computed list by list."""
+    pairs_q = torch.arange(q.shape[0]).repeat_interleave(probe.shape[1])
+    pairs_l = probe.reshape(-1)
+    order = pairs_l.argsort(stable=True)
+    pairs_q, pairs_l = pairs_q[order], pairs_l[order]
+    lists, counts = torch.unique_consecutive(pairs_l, return_counts=True)
+    out_q, out_s, out_c = [], [], []
+    start = 0
+    for lst, count in zip(lists.tolist(), counts.tolist()):
+        who = pairs_q[start : start + count]
+        start += count
+        lo, hi = int(offsets[lst]), int(offsets[lst + 1])
+        if hi == lo:
+            continue
+        scores = q[who] @ vectors[lo:hi].t()
+        r, c = (scores >= bound[who].unsqueeze(1)).nonzero(as_tuple=True)
+        out_q.append(who[r])
+        out_s.append(scores[r, c])
+        out_c.append(c + lo)
+    if not out_q:
+        empty = torch.empty(0, dtype=torch.long)
+        return empty, torch.empty(0), empty
+    return torch.cat(out_q), torch.cat(out_s), torch.cat(out_c)
+
+
 def rescore_candidates(
     queries: ArrayLike,
     corpus: ArrayLike,
@@ -260,6 +359,8 @@ def cascade_search(
         corpora: per stage, the (N, stages[i].dim) corpus embeddings of its level.
         stages: the cascade (`parse_cascade`).
         first_index: an index over `corpora[0]` for stage 1; None = exact top-k on `device`.
+            An `IVFFlatIndex` on a CPU with keep >= `THRESHOLD_TOPK_MIN_K` is searched by
+            `ivf_threshold_topk` (the same lists and scores as its faiss search, faster).
         device: compute device for exact search and re-scoring (default CPU).
         query_block: queries per call of `first_index.search` (bounds memory).
 
@@ -282,6 +383,8 @@ def cascade_search(
     elif first_index is None:
         scores, ids = exact_topk(queries[0], corpora[0], first.keep, device=device)
         scores, ids = scores.cpu().numpy(), ids.cpu().numpy()
+    elif isinstance(first_index, IVFFlatIndex) and device.type == "cpu" and first.keep >= THRESHOLD_TOPK_MIN_K:
+        scores, ids = ivf_threshold_topk(queries[0], first_index, first.keep)
     else:
         parts = [
             first_index.search(np.asarray(queries[0][s : s + query_block], dtype=np.float32), first.keep)

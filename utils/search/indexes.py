@@ -403,6 +403,8 @@ class IVFFlatIndex(FaissIndex):
     ):
         self._nlist = nlist
         self._nprobe = nprobe
+        # (ntotal when taken, `lists()`): the inverted lists as arrays, taken on first use.
+        self._lists_cache: tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
         self._use_gpu = use_gpu
         self._built = _index is not None
         self._gpu_resources = None
@@ -469,6 +471,50 @@ class IVFFlatIndex(FaissIndex):
         if not self._built:
             raise RuntimeError("cannot serialize an untrained IVF-Flat index")
         super().serialize(path)
+
+    @property
+    def nprobe(self) -> int:
+        """Lists searched per query."""
+        return int(self._index.nprobe)
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        self._need_built()
+        if value < 1:
+            raise ValueError(f"nprobe must be positive, got {value}")
+        self._index.nprobe = min(value, int(self._cpu_ivf().nlist))
+
+    def centroids(self) -> np.ndarray:
+        """The (nlist, dim) coarse centroids (a query probes those of highest inner product)."""
+        ivf = self._cpu_ivf()
+        return ivf.quantizer.reconstruct_n(0, ivf.nlist)
+
+    def _cpu_ivf(self):
+        """The faiss IndexIVF (a CPU copy of a GPU one)."""
+        self._need_built()
+        faiss = _import_faiss()
+        return faiss.extract_index_ivf(faiss.index_gpu_to_cpu(self._index) if self.on_gpu else self._index)
+
+    def lists(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The inverted lists as arrays: (offsets (nlist + 1,), ids (ntotal,), vectors
+        (ntotal, dim)), list l being rows offsets[l]:offsets[l+1]. A copy (ntotal x dim
+        floats), cached until the index changes, for batched search outside faiss."""
+        if self._lists_cache is not None and self._lists_cache[0] == self.ntotal:
+            return self._lists_cache[1]
+        faiss = _import_faiss()
+        ivf = self._cpu_ivf()
+        invlists = ivf.invlists
+        sizes = np.array([invlists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        ids = np.empty(offsets[-1], dtype=np.int64)
+        vectors = np.empty((offsets[-1], self.dim), dtype=np.float32)
+        for i in np.nonzero(sizes)[0]:
+            lo, hi = offsets[i], offsets[i + 1]
+            ids[lo:hi] = faiss.rev_swig_ptr(invlists.get_ids(int(i)), int(sizes[i]))
+            codes = faiss.rev_swig_ptr(invlists.get_codes(int(i)), int(sizes[i]) * self.dim * 4)
+            vectors[lo:hi] = np.frombuffer(codes, dtype=np.float32).reshape(-1, self.dim)
+        self._lists_cache = (self.ntotal, (offsets, ids, vectors))
+        return offsets, ids, vectors
 
 
 def index_parameters(kind: str) -> list[str]:
