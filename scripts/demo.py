@@ -4,14 +4,20 @@
 
 Stages (each skipped when its output is already there, unless --fresh):
 
-1. generate the structured synthetic dataset (train / val / test) in the real formats;
+1. generate the structured synthetic dataset (train / val / test) in the real formats, and
+   render the test split's scenes as PNGs (for the search page);
 2. pre-train a tiny bi-encoder with CMR + VMLM + SMRM (`pretrain.py`);
 3. evaluate it zero-shot on the test split (`inference.py`);
 4. fine-tune it (`train_itm.py`) and evaluate the best checkpoint (`inference.py`);
-5. train a tiny UNITER-style cross-encoder (`rerank.py train`) and re-rank the fine-tuned
-   bi-encoder's top-M (`rerank.py`);
-6. print one table (zero-shot / fine-tuned / re-ranked, with chance level and timings), write
-   it to `summary.json`, and run two example text queries.
+5. fine-tune it again with the HiVLP prefix hierarchy and evaluate it twice: flat search of
+   the full embedding, and the coarse-to-fine cascade over its prefixes (`retrieval.cascade`);
+6. train a tiny UNITER-style cross-encoder (`rerank.py train`) and re-rank the fine-tuned
+   bi-encoder's top-M (`rerank.py`), the fusion weight chosen on the val split;
+7. decompose that cross-encoder into a VLDeformer bi-encoder and fine-tune it with bi-modal
+   hard negatives (`train_itm.py`, `model.type: vldeformer`), then evaluate it;
+8. print one table (every row, with chance level and timings) and the wall time of each
+   stage, write both to `summary.json`, write the plots (training curves, recall@K) to
+   `plots/`, run two example text queries and print the command that serves the index.
 
 Every stage calls the entry point's `main(argv)` in this process, exactly as the command line
 would.
@@ -28,6 +34,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from data.synthetic import OBJECT_VOCAB
 from utils.errors import run_cli
 from utils.files import atomic_write_json
 from utils.run_files import (
@@ -54,6 +62,7 @@ from utils.run_files import (
 logger = logging.getLogger("demo")
 
 DEMO_CONFIGS = REPO / "configs" / "demo"
+SCENES_DIR = "scenes"
 RECALL_KS = (1, 5, 10)
 
 
@@ -67,17 +76,18 @@ class Preset:
     pretrain_steps: int
     finetune_epochs: int
     rerank_steps: int
+    vldeformer_steps: int
     top_m: int
     overrides: tuple[str, ...] = field(default_factory=tuple)
 
 
 PRESETS = {
     # `make demo`: a few thousand images, 500 x 5 in test; under 10 minutes on 2 cores.
-    "demo": Preset(num_train=3000, num_val=200, num_test=500, pretrain_steps=1000,
-                   finetune_epochs=3, rerank_steps=2000, top_m=20),
+    "demo": Preset(num_train=3000, num_val=200, num_test=500, pretrain_steps=800,
+                   finetune_epochs=3, rerank_steps=600, vldeformer_steps=600, top_m=20),
     # The reduced pipeline `make test` runs (tests/test_demo_pipeline.py).
     "tiny": Preset(num_train=600, num_val=50, num_test=100, pretrain_steps=200,
-                   finetune_epochs=4, rerank_steps=300, top_m=10,
+                   finetune_epochs=4, rerank_steps=300, vldeformer_steps=200, top_m=10,
                    overrides=("valid_steps=100",)),
 }
 
@@ -116,14 +126,41 @@ class Demo:
         self.preset = preset
         self.fresh = fresh
         self.data_dir = run_dir / "data"
+        # Wall seconds of each stage that ran in this invocation (reused ones keep the
+        # figure of the run that made them, read back from summary.json).
+        self.stage_s: dict[str, float] = {}
+        self.reused: list[str] = []
+        # Steps that ran (not reused) so far.
+        self.ran = 0
+
+    @contextlib.contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """Record the wall time of one stage under `name`.
+
+        A stage whose every step was reused keeps the time of the run that made it.
+        """
+        ran_before = self.ran
+        t0 = time.perf_counter()
+        yield
+        elapsed = time.perf_counter() - t0
+        if self.ran == ran_before:
+            previous = _read_json(self.run_dir / SUMMARY_FILE) if (self.run_dir / SUMMARY_FILE).is_file() else {}
+            elapsed = previous.get("stage_s", {}).get(name, elapsed)
+        self.stage_s[name] = elapsed
+
+    def stage_seconds(self) -> dict[str, float]:
+        """Wall seconds per stage, in the order they ran."""
+        return dict(self.stage_s)
 
     # ------------------------------------------------------------------ helpers
     def _stage(self, name: str, done_marker: Path) -> bool:
         """True when the stage must run; prints what is reused."""
         if done_marker.exists() and not self.fresh:
             print(f"[demo] {name}: reusing {done_marker.relative_to(self.run_dir)}")
+            self.reused.append(name)
             return False
         print(f"[demo] {name} ...", flush=True)
+        self.ran += 1
         return True
 
     def _data_overrides(self) -> list[str]:
@@ -163,6 +200,22 @@ class Demo:
         print("[demo] synthetic data (reused when its arguments match) ...", flush=True)
         return generate(str(self.data_dir), cfg, progress=True)
 
+    def render_scenes(self) -> Path:
+        """Pictures of the test split's scenes, for the search page."""
+        from data.scene_render import render_split
+
+        out = self.run_dir / SCENES_DIR
+        if self._stage("test-split scenes (PNG)", out / ".done"):
+            render_split(self.data_dir, "test", out)
+            (out / ".done").touch()
+        return out
+
+    def plots(self) -> list[Path]:
+        """Training curves of every run and recall@K curves of every evaluated row."""
+        from scripts.plots import write_plots
+
+        return write_plots([self.run_dir])
+
     def pretrain(self) -> Path:
         import pretrain
 
@@ -176,27 +229,31 @@ class Demo:
             ])
         return ckpt
 
-    def evaluate(self, name: str, checkpoint: Path, split: str = "test") -> dict[str, Any]:
+    def evaluate(self, name: str, checkpoint: Path, split: str = "test", config: str = "finetune.yaml") -> dict[str, Any]:
         import inference
 
         out = self.run_dir / name
         if self._stage(f"evaluation '{name}'", out / INFO_FILE):
             inference.main([
-                "--config", str(DEMO_CONFIGS / "finetune.yaml"), "--checkpoint", str(checkpoint),
+                "--config", str(DEMO_CONFIGS / config), "--checkpoint", str(checkpoint),
                 "--output_dir", str(out), f"retrieval.eval_split={split}", *self._data_overrides(),
             ])
         return {"recall": _read_json(out / RECALL_FILE), "info": _read_json(out / INFO_FILE)}
 
-    def finetune(self, pretrained: Path) -> Path:
+    def finetune(self, name: str, config: str, init: Sequence[str], what: str = "fine-tuning",
+                 length: str | None = None) -> Path:
+        """`train_itm.py` with a demo config from the initial weights `init` names.
+
+        `length` is the run-length override (default: the preset's fine-tuning epochs).
+        """
         import train_itm
 
-        out = self.run_dir / "finetune"
+        out = self.run_dir / name
         best = out / CKPT_DIR / BIENCODER_BEST
-        if self._stage("fine-tuning", out / TEST_RESULTS_FILE):
+        if self._stage(what, out / TEST_RESULTS_FILE):
             train_itm.main([
-                "--config", str(DEMO_CONFIGS / "finetune.yaml"), "--output_dir", str(out), "--overwrite",
-                f"model.biencoder_checkpoint={pretrained}",
-                f"num_train_epochs={self.preset.finetune_epochs}",
+                "--config", str(DEMO_CONFIGS / config), "--output_dir", str(out), "--overwrite", *init,
+                length or f"num_train_epochs={self.preset.finetune_epochs}",
                 *self._data_overrides(), *self.preset.overrides,
             ])
         return best
@@ -324,18 +381,42 @@ def run(run_dir: Path, preset: Preset, fresh: bool, examples: bool = True) -> di
     started = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
     demo = Demo(run_dir, preset, fresh)
-    manifest = demo.generate_data()
-    pretrained = demo.pretrain()
-    zero_shot = demo.evaluate("eval_zero_shot", pretrained)
-    finetuned_ckpt = demo.finetune(pretrained)
-    finetuned = demo.evaluate("eval_finetuned", finetuned_ckpt)
-    reranker = demo.train_reranker(pretrained, finetuned_ckpt)
-    # The weight of the bi-encoder score in the fused ranking is chosen on the val split.
-    demo.evaluate("eval_finetuned_val", finetuned_ckpt, split="val")
-    tuning = demo.rerank("reranked_val", run_dir / "eval_finetuned_val", reranker, 0.0, split="val")
-    alpha = choose_alpha(tuning["alpha_sweep"])
-    print(f"[demo] fused re-ranking weight chosen on val: alpha = {alpha:.1f}")
-    reranked = demo.rerank(f"reranked_alpha{alpha:.1f}", run_dir / "eval_finetuned", reranker, alpha)
+    with demo.timed("data"):
+        manifest = demo.generate_data()
+        scenes = demo.render_scenes()
+    with demo.timed("pretrain"):
+        pretrained = demo.pretrain()
+    with demo.timed("eval_zero_shot"):
+        zero_shot = demo.evaluate("eval_zero_shot", pretrained)
+    with demo.timed("finetune"):
+        finetuned_ckpt = demo.finetune("finetune", "finetune.yaml", [f"model.biencoder_checkpoint={pretrained}"])
+    with demo.timed("eval_finetuned"):
+        finetuned = demo.evaluate("eval_finetuned", finetuned_ckpt)
+        # The weight of the bi-encoder score in the fused ranking is chosen on the val split.
+        demo.evaluate("eval_finetuned_val", finetuned_ckpt, split="val")
+    with demo.timed("finetune_hivlp"):
+        hivlp_ckpt = demo.finetune("finetune_hivlp", "finetune_hivlp.yaml", [f"model.biencoder_checkpoint={pretrained}"],
+                                   "fine-tuning with the HiVLP hierarchy")
+    with demo.timed("eval_hivlp"):
+        # The same embeddings searched flat at full dimension, then by the cascade over prefixes.
+        hivlp = demo.evaluate("eval_hivlp", hivlp_ckpt)
+        hivlp_cascade = demo.evaluate("eval_hivlp_cascade", hivlp_ckpt, config="finetune_hivlp.yaml")
+    with demo.timed("train_reranker"):
+        reranker = demo.train_reranker(pretrained, finetuned_ckpt)
+    with demo.timed("rerank"):
+        tuning = demo.rerank("reranked_val", run_dir / "eval_finetuned_val", reranker, 0.0, split="val")
+        alpha = choose_alpha(tuning["alpha_sweep"])
+        print(f"[demo] fused re-ranking weight chosen on val: alpha = {alpha:.1f}")
+        reranked = demo.rerank(f"reranked_alpha{alpha:.1f}", run_dir / "eval_finetuned", reranker, alpha)
+
+    with demo.timed("vldeformer"):
+        vldeformer_ckpt = demo.finetune(
+            "vldeformer", "vldeformer.yaml",
+            [f"model.uniter_checkpoint={reranker}", f"train.bimodal_negatives.vocab={demo.data_dir / OBJECT_VOCAB}"],
+            "VLDeformer: decompose the cross-encoder, fine-tune with bi-modal negatives",
+            length=f"num_train_steps={preset.vldeformer_steps}",
+        )
+        vldeformer = demo.evaluate("eval_vldeformer", vldeformer_ckpt, config="vldeformer.yaml")
 
     test_counts = manifest["counts"]["test"]
     captions_per_image = test_counts["captions"] // test_counts["images"]
@@ -344,9 +425,14 @@ def run(run_dir: Path, preset: Preset, fresh: bool, examples: bool = True) -> di
         "zero_shot": _row(zero_shot["recall"]),
         "finetuned": _row(finetuned["recall"]),
         "reranked": _row(reranked["after"]),
+        "hivlp": _row(hivlp["recall"]),
+        # The cascade's recall is that of its last stage's lists (top_k per query).
+        "hivlp_cascade": _row(hivlp_cascade["recall"]["cascade"]["stages"][-1]["recall"]),
+        "vldeformer": _row(vldeformer["recall"]),
     }
     timings = {}
-    for name, result in (("zero_shot", zero_shot), ("finetuned", finetuned)):
+    for name, result in (("zero_shot", zero_shot), ("finetuned", finetuned), ("hivlp", hivlp),
+                         ("hivlp_cascade", hivlp_cascade), ("vldeformer", vldeformer)):
         timing = result["info"]["timing"]
         timings[name] = {"encode": timing["encode_s"], "search": timing["search_s"]}
     timings["reranked"] = {**timings["finetuned"], "rerank": reranked["timing"]["rerank_s"]}
@@ -354,22 +440,53 @@ def run(run_dir: Path, preset: Preset, fresh: bool, examples: bool = True) -> di
         "rows": rows,
         "chance": chance,
         "timing_s": timings,
+        "stage_s": demo.stage_seconds(),
         "test_split": {"images": test_counts["images"], "captions": test_counts["captions"]},
         "top_m": reranked.get("top_m"),
         "alpha": alpha,
         "reranked_before": _row(reranked["before"]),
     }
+    summary["total_s"] = sum(summary["stage_s"].values())
     _write_json(run_dir / SUMMARY_FILE, summary)
     print()
     print(f"Recall (%) on the synthetic test split: {test_counts['images']} images x "
           f"{captions_per_image} captions; re-ranking the top {reranked.get('top_m')} "
           f"with alpha {alpha:.1f} x bi-encoder + {1 - alpha:.1f} x cross-encoder")
     print(format_table(rows, chance, timings))
+    print()
+    print(format_stage_times(summary["stage_s"], demo.reused))
+    print("\n[demo] plots:")
+    for path in demo.plots():
+        print(f"  {path}")
     if examples:
         demo.examples(run_dir / "eval_finetuned", finetuned_ckpt, run_dir / f"reranked_alpha{alpha:.1f}")
     print(f"\n[demo] done in {time.perf_counter() - started:.0f} s; everything is in {run_dir}")
     print(f"[demo] summary: {run_dir / 'summary.json'}")
+    print("[demo] search it in a browser (then open http://127.0.0.1:8000/?q=a+red+dog):")
+    print("  " + serve_command(run_dir, finetuned_ckpt, reranker, alpha, scenes))
     return summary
+
+
+def serve_command(run_dir: Path, checkpoint: Path, reranker: Path, alpha: float, scenes: Path) -> str:
+    """The one command that serves the demo's test index with its re-ranker."""
+    def rel(path: Path) -> str:
+        # Relative to the repository when inside it: the command is run from there.
+        return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+    return (f".venv/bin/python inference.py serve --index_dir {rel(run_dir / 'eval_finetuned')} "
+            f"--checkpoint {rel(checkpoint)} --reranker_checkpoint {rel(reranker)} --alpha {alpha:.1f} "
+            f"--render_dir {rel(scenes)}")
+
+
+def format_stage_times(stage_s: dict[str, float], reused: list[str]) -> str:
+    """One line per stage with its wall time; reused stages say so."""
+    lines = ["Wall time per stage (s):"]
+    for name, seconds in stage_s.items():
+        lines.append(f"  {name:<16} {seconds:8.1f}")
+    lines.append(f"  {'total':<16} {sum(stage_s.values()):8.1f}")
+    if reused:
+        lines.append("  (stages reused from an earlier run show that run's time)")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

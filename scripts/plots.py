@@ -253,8 +253,20 @@ def find_outputs(root: str | Path) -> tuple[list[Path], dict[str, Path]]:
         if p.name == TOPK_FILE and not (d / INFO_FILE).is_file():
             continue
         label = str(d.relative_to(root)) if d != root else root.name
-        rows[label] = d
+        split = _split_name(p)
+        rows[f"{label} ({split})" if split else label] = d
     return runs, rows
+
+
+def _split_name(result_file: Path) -> str | None:
+    """The evaluated split of a recall row (from info.json or rerank.json), so val and test
+    rows are told apart in one plot."""
+    source = result_file.parent / INFO_FILE if result_file.name == TOPK_FILE else result_file
+    try:
+        split = json.loads(source.read_text()).get("split", {})
+    except (OSError, ValueError):
+        return None
+    return split.get("name") if isinstance(split, dict) else None
 
 
 def write_plots(sources: Sequence[str | Path], out_dir: str | Path | None = None) -> list[Path]:

@@ -39,7 +39,10 @@ def test_summary_layout_and_chance(tiny_demo):
     run_dir, summary = tiny_demo
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert on_disk["rows"] == summary["rows"]
-    assert set(summary["rows"]) == {"zero_shot", "finetuned", "reranked"}
+    assert set(summary["rows"]) == {"zero_shot", "finetuned", "reranked", "hivlp", "hivlp_cascade", "vldeformer"}
+    # Every stage's wall time is recorded, and the total is their sum.
+    assert {"pretrain", "finetune", "train_reranker", "rerank", "finetune_hivlp", "vldeformer"} <= set(summary["stage_s"])
+    assert summary["total_s"] == pytest.approx(sum(summary["stage_s"].values()))
     for row in summary["rows"].values():
         assert set(row) == {"text_to_image", "image_to_text", "rsum"}
         assert row["rsum"] == pytest.approx(
@@ -75,6 +78,38 @@ def test_every_stage_clears_its_margin(tiny_demo):
     full = json.loads((run_dir / "eval_finetuned" / "recall.json").read_text())
     for direction in ("text_to_image", "image_to_text"):
         assert rerank["before"][direction] == pytest.approx(full[direction])
+
+
+def test_cascade_keeps_flat_recall(tiny_demo):
+    run_dir, summary = tiny_demo
+    rows = summary["rows"]
+    # The coarse-to-fine search over the hierarchy-trained prefixes finds what the flat search
+    # of the full embedding finds: recall@10 within half a point, both directions.
+    for direction in ("text_to_image", "image_to_text"):
+        assert abs(rows["hivlp_cascade"][direction]["R@10"] - rows["hivlp"][direction]["R@10"]) <= 0.5
+    recall = json.loads((run_dir / "eval_hivlp_cascade" / "recall.json").read_text())
+    assert [stage["dim"] for stage in recall["cascade"]["stages"]] == [32, 64, 128]
+    # The flat rows are the full-dimension recall of the same checkpoint.
+    assert recall["rsum"] == pytest.approx(rows["hivlp"]["rsum"])
+
+
+def test_vldeformer_row_learns(tiny_demo):
+    _, summary = tiny_demo
+    chance = _chance(demo.PRESETS["tiny"].num_test, 5)
+    # The decomposed cross-encoder of the tiny run (300 steps) is weak; 200 contrastive steps
+    # with bi-modal negatives still lift it well clear of chance (the full demo: 20x).
+    for direction in ("text_to_image", "image_to_text"):
+        assert summary["rows"]["vldeformer"][direction]["R@1"] >= 5 * chance[direction]["R@1"]
+
+
+def test_plots_and_scenes_are_written(tiny_demo):
+    run_dir, _ = tiny_demo
+    plots = sorted((run_dir / "plots").glob("*.png"))
+    assert any(p.name == "recall_at_k.png" for p in plots)
+    assert any(p.name.endswith("_training.png") for p in plots)
+    assert all(p.stat().st_size > 1000 for p in plots)
+    scenes = list((run_dir / "scenes").glob("*.png"))
+    assert len(scenes) == demo.PRESETS["tiny"].num_test
 
 
 def test_second_run_reuses_everything(tiny_demo, capsys):

@@ -315,5 +315,8 @@ def test_shipped_configs_load_and_name_the_missing_path(name, bimodal, tmp_path,
     cfg = load_config(repo / "configs" / f"{name}.yaml")
     assert cfg.model.type == "vldeformer" and cfg.model.biencoder_checkpoint is None
     assert (BimodalNegatives.from_dict(cfg.train.bimodal_negatives) is not None) == bimodal
+    # The shipped paths may exist in a checkout that ran `make demo`: name one that cannot.
     with pytest.raises(FileNotFoundError, match=r"train_txt_dbs\[0\]"):
-        train_itm.main(["--config", f"configs/{name}.yaml", "--output_dir", str(tmp_path / "o")])
+        missing = ", ".join(str(tmp_path / f"missing_txt_db{i}") for i in range(len(cfg.data.train_txt_dbs)))
+        train_itm.main(["--config", f"configs/{name}.yaml", "--output_dir", str(tmp_path / "o"),
+                        f"data.train_txt_dbs=[{missing}]"])
