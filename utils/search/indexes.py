@@ -276,8 +276,89 @@ class HNSWIndex(FaissIndex):
         return super().search(queries, k)
 
 
+class TrainedIVFIndex(FaissIndex):
+    """What the inverted-file types share: no faiss index until `train` (which picks sizes the
+    training sample supports), then rows added whole or by position (`add_at`, shard by shard).
+
+    Subclasses set `label` (for messages) and implement `_build(vectors)`, returning the
+    trained faiss index and its coarse quantizer.
+    """
+
+    label = "IVF"
+
+    def __init__(self, dim: int, nprobe: int, use_gpu: bool | None, _index=None):
+        self._nprobe = nprobe
+        self._use_gpu = use_gpu
+        self._built = _index is not None
+        self._gpu_resources = None
+        DenseIndex.__init__(self, dim)
+        if _index is not None:
+            _index.nprobe = nprobe
+            FaissIndex.__init__(self, _index, dim, use_gpu)
+
+    @classmethod
+    def from_faiss(cls, raw, use_gpu: bool | None) -> TrainedIVFIndex:
+        """Wrap a faiss index read from disk."""
+        return cls(raw.d, nprobe=raw.nprobe, use_gpu=use_gpu, _index=raw)
+
+    @property
+    def ntotal(self) -> int:
+        return super().ntotal if self._built else 0
+
+    @property
+    def is_trained(self) -> bool:
+        return self._built and super().is_trained
+
+    @abstractmethod
+    def _build(self, vectors: np.ndarray):
+        """The trained faiss index for `vectors` (checked float32) and its quantizer."""
+
+    def train(self, vectors: np.ndarray) -> None:
+        vectors = self._check(vectors, "training vectors")
+        index, quantizer = self._build(vectors)
+        index.nprobe = min(self._nprobe, index.nlist)
+        # faiss IVF indexes do not own their quantizer from Python: keep it alive with the index.
+        self._quantizer = quantizer
+        FaissIndex.__init__(self, index, self.dim, self._use_gpu)
+        self._built = True
+
+    def _need_built(self) -> None:
+        if not self._built:
+            raise RuntimeError(f"{self.label} index must be trained before vectors are added")
+
+    def add(self, vectors: np.ndarray) -> None:
+        self._need_built()
+        super().add(vectors)
+
+    @property
+    def can_add_at(self) -> bool:
+        return True
+
+    def start_add_at(self, num_rows: int) -> None:
+        """Nothing to prepare: inverted lists store each row's id."""
+        self._need_built()
+        if self.ntotal:
+            raise RuntimeError("start_add_at needs an empty index")
+
+    def add_at(self, positions: np.ndarray, vectors: np.ndarray) -> None:
+        self._need_built()
+        ids = np.ascontiguousarray(positions, dtype=np.int64).reshape(-1)
+        self._index.add_with_ids(self._check(vectors, "vectors"), ids)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if not self._built:
+            n = self._check(queries, "queries").shape[0]
+            return np.empty((n, 0), np.float32), np.empty((n, 0), np.int64)
+        return super().search(queries, k)
+
+    def serialize(self, path: str | os.PathLike) -> None:
+        if not self._built:
+            raise RuntimeError(f"cannot serialize an untrained {self.label} index")
+        super().serialize(path)
+
+
 @register_index
-class IVFPQIndex(FaissIndex):
+class IVFPQIndex(TrainedIVFIndex):
     """Inverted lists over product-quantised codes (compressed, approximate).
 
     The requested sizes are shrunk to what the training sample supports (faiss needs at least
@@ -286,11 +367,7 @@ class IVFPQIndex(FaissIndex):
 
     kind = "ivfpq"
     faiss_type = "IndexIVFPQ"
-
-    @classmethod
-    def from_faiss(cls, raw, use_gpu: bool | None) -> IVFPQIndex:
-        """Wrap a faiss index read from disk."""
-        return cls(raw.d, nprobe=raw.nprobe, use_gpu=use_gpu, _index=raw)
+    label = "IVF-PQ"
 
     def __init__(
         self,
@@ -303,26 +380,10 @@ class IVFPQIndex(FaissIndex):
         _index=None,
     ):
         self._requested = {"nlist": nlist, "m": m, "nbits": nbits}
-        self._nprobe = nprobe
-        self._use_gpu = use_gpu
-        self._built = _index is not None
-        self._gpu_resources = None
-        DenseIndex.__init__(self, dim)
-        if _index is not None:
-            _index.nprobe = nprobe
-            super().__init__(_index, dim, use_gpu)
+        super().__init__(dim, nprobe, use_gpu, _index)
 
-    @property
-    def ntotal(self) -> int:
-        return super().ntotal if self._built else 0
-
-    @property
-    def is_trained(self) -> bool:
-        return self._built and super().is_trained
-
-    def train(self, vectors: np.ndarray) -> None:
+    def _build(self, vectors: np.ndarray):
         faiss = _import_faiss()
-        vectors = self._check(vectors, "training vectors")
         n = vectors.shape[0]
         if n < 2:
             raise ValueError(f"IVF-PQ needs at least 2 training vectors, got {n}")
@@ -340,49 +401,12 @@ class IVFPQIndex(FaissIndex):
             )
             index.pq.cp.min_points_per_centroid = 1
         index.train(vectors)
-        index.nprobe = min(self._nprobe, nlist)
-        # IndexIVFPQ does not own its quantizer from Python: keep it alive with the index.
-        self._quantizer = quantizer
-        FaissIndex.__init__(self, index, self.dim, self._use_gpu)
-        self._built = True
         logger.info("IVF-PQ trained on %d vectors: nlist=%d m=%d nbits=%d", n, nlist, m, nbits)
-
-    def add(self, vectors: np.ndarray) -> None:
-        if not self._built:
-            raise RuntimeError("IVF-PQ index must be trained before vectors are added")
-        super().add(vectors)
-
-    @property
-    def can_add_at(self) -> bool:
-        return True
-
-    def start_add_at(self, num_rows: int) -> None:
-        """Nothing to prepare: inverted lists store each row's id."""
-        if not self._built:
-            raise RuntimeError("IVF-PQ index must be trained before vectors are added")
-        if self.ntotal:
-            raise RuntimeError("start_add_at needs an empty index")
-
-    def add_at(self, positions: np.ndarray, vectors: np.ndarray) -> None:
-        if not self._built:
-            raise RuntimeError("IVF-PQ index must be trained before vectors are added")
-        ids = np.ascontiguousarray(positions, dtype=np.int64).reshape(-1)
-        self._index.add_with_ids(self._check(vectors, "vectors"), ids)
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if not self._built:
-            n = self._check(queries, "queries").shape[0]
-            return np.empty((n, 0), np.float32), np.empty((n, 0), np.int64)
-        return super().search(queries, k)
-
-    def serialize(self, path: str | os.PathLike) -> None:
-        if not self._built:
-            raise RuntimeError("cannot serialize an untrained IVF-PQ index")
-        super().serialize(path)
+        return index, quantizer
 
 
 @register_index
-class IVFFlatIndex(FaissIndex):
+class IVFFlatIndex(TrainedIVFIndex):
     """Inverted lists over the uncompressed vectors: exact scores within the `nprobe` lists
     searched, so with nprobe == nlist it is exact search. A cascade's first stage at a short
     level: it scores about nprobe / nlist of the corpus instead of all of it.
@@ -392,38 +416,18 @@ class IVFFlatIndex(FaissIndex):
 
     kind = "ivfflat"
     faiss_type = "IndexIVFFlat"
-
-    @classmethod
-    def from_faiss(cls, raw, use_gpu: bool | None) -> IVFFlatIndex:
-        """Wrap a faiss index read from disk."""
-        return cls(raw.d, nprobe=raw.nprobe, use_gpu=use_gpu, _index=raw)
+    label = "IVF-Flat"
 
     def __init__(
         self, dim: int, nlist: int = 1024, nprobe: int = 32, use_gpu: bool | None = None, _index=None
     ):
         self._nlist = nlist
-        self._nprobe = nprobe
         # (ntotal when taken, `lists()`): the inverted lists as arrays, taken on first use.
         self._lists_cache: tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
-        self._use_gpu = use_gpu
-        self._built = _index is not None
-        self._gpu_resources = None
-        DenseIndex.__init__(self, dim)
-        if _index is not None:
-            _index.nprobe = nprobe
-            super().__init__(_index, dim, use_gpu)
+        super().__init__(dim, nprobe, use_gpu, _index)
 
-    @property
-    def ntotal(self) -> int:
-        return super().ntotal if self._built else 0
-
-    @property
-    def is_trained(self) -> bool:
-        return self._built and super().is_trained
-
-    def train(self, vectors: np.ndarray) -> None:
+    def _build(self, vectors: np.ndarray):
         faiss = _import_faiss()
-        vectors = self._check(vectors, "training vectors")
         n = vectors.shape[0]
         if n < 1:
             raise ValueError("IVF-Flat needs at least 1 training vector")
@@ -431,46 +435,8 @@ class IVFFlatIndex(FaissIndex):
         quantizer = faiss.IndexFlatIP(self.dim)
         index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
         index.train(vectors)
-        index.nprobe = min(self._nprobe, nlist)
-        # IndexIVFFlat does not own its quantizer from Python: keep it alive with the index.
-        self._quantizer = quantizer
-        FaissIndex.__init__(self, index, self.dim, self._use_gpu)
-        self._built = True
-        logger.info("IVF-Flat trained on %d vectors: nlist=%d nprobe=%d", n, nlist, index.nprobe)
-
-    def _need_built(self) -> None:
-        if not self._built:
-            raise RuntimeError("IVF-Flat index must be trained before vectors are added")
-
-    def add(self, vectors: np.ndarray) -> None:
-        self._need_built()
-        super().add(vectors)
-
-    @property
-    def can_add_at(self) -> bool:
-        return True
-
-    def start_add_at(self, num_rows: int) -> None:
-        """Nothing to prepare: inverted lists store each row's id."""
-        self._need_built()
-        if self.ntotal:
-            raise RuntimeError("start_add_at needs an empty index")
-
-    def add_at(self, positions: np.ndarray, vectors: np.ndarray) -> None:
-        self._need_built()
-        ids = np.ascontiguousarray(positions, dtype=np.int64).reshape(-1)
-        self._index.add_with_ids(self._check(vectors, "vectors"), ids)
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if not self._built:
-            n = self._check(queries, "queries").shape[0]
-            return np.empty((n, 0), np.float32), np.empty((n, 0), np.int64)
-        return super().search(queries, k)
-
-    def serialize(self, path: str | os.PathLike) -> None:
-        if not self._built:
-            raise RuntimeError("cannot serialize an untrained IVF-Flat index")
-        super().serialize(path)
+        logger.info("IVF-Flat trained on %d vectors: nlist=%d nprobe=%d", n, nlist, min(self._nprobe, nlist))
+        return index, quantizer
 
     @property
     def nprobe(self) -> int:
