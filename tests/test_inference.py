@@ -133,6 +133,26 @@ def test_val_split_and_coco_1k(workspace, tmp_path):
     assert_same_recall(o["recall"], fold_recall_from_scores(scores, gt, n_folds=5))
 
 
+def test_recall_of_the_search_lists_only(workspace, tmp_path):
+    # A flat index returns the exact top-k: the recall of its lists equals the exact recall of
+    # the whole split (brute force over the stored embeddings), without scoring every pair.
+    out = tmp_path / "lists"
+    result = run(workspace, out, "retrieval.exact_recall=false", "retrieval.top_k=10")
+    o = load_outputs(out)
+    img_order, _, txt2img = split_files(workspace)
+    scores = o["txt"].astype(np.float64) @ o["img"].T.astype(np.float64)
+    gt = [img_order.index(txt2img[t]) for t in o["ids"]["txt_ids"]]
+    ref = brute_force_recall(scores.tolist(), gt, len(img_order))
+    for d in ("text_to_image", "image_to_text"):
+        for k in ("R@1", "R@5", "R@10"):
+            assert o["recall"][d][k] == pytest.approx(ref[d][k])
+    assert result["protocol"] == "search_lists"
+    with pytest.raises(ConfigError, match="top_k"):
+        run(workspace, tmp_path / "k5", "retrieval.exact_recall=false", "retrieval.top_k=5")
+    with pytest.raises(ConfigError, match="coco_1k"):
+        run(workspace, tmp_path / "folds", "retrieval.exact_recall=false", "retrieval.coco_1k=true")
+
+
 @pytest.mark.parametrize("kind, cls", [("hnsw", HNSWIndex), ("ivfpq", IVFPQIndex)])
 def test_approximate_indexes(workspace, tmp_path, kind, cls):
     out = tmp_path / kind

@@ -211,6 +211,10 @@ class RetrievalConfig:
     # of the first level, then re-scores the kept candidates exactly at each next level;
     # topk.json then holds the last stage's lists. Empty = off. Checked by inference.py.
     cascade: list[dict[str, Any]] = field(default_factory=list)
+    # False: recall.json is the recall of the search's own top-k lists (R@K for K <= top_k,
+    # exact whenever the search is), not an exact ranking of every caption against every
+    # image: what a corpus of 100M images can afford. Per-level recall is then skipped.
+    exact_recall: bool = True
 
 
 @dataclass

@@ -90,6 +90,14 @@ def run_inference(config: RunConfig, checkpoint: str, out_dir: str | os.PathLike
         raise ConfigError(f"retrieval.index: {err}") from None
     # The spec's shape now; its dims against the model's levels once the model is loaded.
     parse_cascade(config.retrieval.cascade, config.retrieval.top_k)
+    if not config.retrieval.exact_recall:
+        if config.retrieval.coco_1k:
+            raise ConfigError("retrieval.coco_1k ranks every caption of each fold: it needs retrieval.exact_recall=true")
+        if config.retrieval.top_k < 10:
+            raise ConfigError(
+                f"retrieval.exact_recall=false reports R@1/5/10 from the search's lists: retrieval.top_k "
+                f"must be at least 10, got {config.retrieval.top_k}"
+            )
     if config.retrieval.index_train_size < 2:
         raise ConfigError(f"retrieval.index_train_size must be at least 2, got {config.retrieval.index_train_size}")
     env = init_distributed(config.train.distributed, config.train.device)
@@ -213,15 +221,18 @@ def run_inference(config: RunConfig, checkpoint: str, out_dir: str | os.PathLike
 
         t0 = time.perf_counter()
         extra: dict[str, Any] = {}
-        full = recall_from_embeddings(txt_emb, img_emb, txt2img, device=env.device)
-        if config.retrieval.coco_1k:
+        exact = config.retrieval.exact_recall
+        if not exact:
+            # Only the lists the search returned: no captions x images scoring.
+            recall = _lists_recall(t2i, i2t, txt2img)
+        elif config.retrieval.coco_1k:
             recall = fold_recall_from_embeddings(txt_emb, img_emb, txt2img, n_folds=5, device=env.device)
-            extra["recall_full_split"] = full
+            extra["recall_full_split"] = recall_from_embeddings(txt_emb, img_emb, txt2img, device=env.device)
         else:
-            recall = full
-        if approx and not stages:
+            recall = recall_from_embeddings(txt_emb, img_emb, txt2img, device=env.device)
+        if approx and not stages and exact:
             extra["recall_index"] = _lists_recall(t2i, i2t, txt2img)
-        if hierarchical:
+        if hierarchical and exact:
             # Each level alone, exact over the split (same protocol as the top level).
             recall["levels"] = {}
             for d in dims:
@@ -253,7 +264,7 @@ def run_inference(config: RunConfig, checkpoint: str, out_dir: str | os.PathLike
             "cascade": [stage.to_dict() for stage in stages],
             "index_type": kind,
             "top_k": k,
-            "protocol": "coco_1k" if config.retrieval.coco_1k else "full",
+            "protocol": "coco_1k" if config.retrieval.coco_1k else "full" if exact else "search_lists",
             "device": str(env.device),
             "precision": precision.name,
             "world_size": env.world_size,
