@@ -20,7 +20,7 @@ from data.txt_db import TxtDb
 from utils.config import ConfigError
 from utils.errors import DataKeyError, MissingPathError
 from utils.pipeline.evaluation import open_img_db
-from utils.pipeline.reranking import load_cross_encoder
+from utils.pipeline.reranking import fuse, load_cross_encoder
 from utils.pipeline.retrieval_dir import Split, load_biencoder, read_json
 from utils.run_files import (
     IDS_FILE,
@@ -185,9 +185,10 @@ class TextReranker:
                 input_ids, torch.ones_like(input_ids), img["img_feat"], img["img_pos"], img["img_mask"],
                 batch_size=self.batch_size,
             ).float().numpy()
-        rows = [[name, self.alpha * float(bi) + (1.0 - self.alpha) * float(c), float(bi), float(c)]
-                for (name, bi), c in zip(hits, cross)]
-        return sorted(rows, key=lambda r: -r[1])  # stable: ties keep the stage-1 order
+        # rerank.py's fusion (same formula, ties keep the stage-1 order), for one text query.
+        fused = fuse({text: [(name, float(bi)) for name, bi in hits]},
+                     {(text, name): float(c) for (name, _), c in zip(hits, cross)}, self.alpha, query_is_text=True)
+        return [[name, score, bi, c] for name, bi, c, score in fused[text]]
 
 
 def search_index(
