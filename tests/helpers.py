@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import time
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import msgpack_numpy
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -255,18 +257,23 @@ def itm_config(data: dict[str, Any], models: dict[str, str], **train: Any) -> di
             "test_img_db": data["img_db"],
             "n_workers": 0,
         },
-        "train": {
-            "train_batch_size": 8,
-            "val_batch_size": 64,
-            "learning_rate": 1e-3,
-            "warmup_steps": 2,
-            "num_train_steps": 6,
-            "valid_steps": 3,
-            "log_steps": 1,
-            "seed": 7,
-            "device": "cpu",
-            **train,
-        },
+        "train": tiny_train_section(**train),
+    }
+
+
+def tiny_train_section(**train: Any) -> dict[str, Any]:
+    """The train section of the tiny runs: 6 steps of 8, validated every 3, on the CPU."""
+    return {
+        "train_batch_size": 8,
+        "val_batch_size": 64,
+        "learning_rate": 1e-3,
+        "warmup_steps": 2,
+        "num_train_steps": 6,
+        "valid_steps": 3,
+        "log_steps": 1,
+        "seed": 7,
+        "device": "cpu",
+        **train,
     }
 
 
@@ -288,18 +295,7 @@ def pretrain_config(
             ],
             "n_workers": 0,
         },
-        "train": {
-            "train_batch_size": 8,
-            "val_batch_size": 64,
-            "learning_rate": 1e-3,
-            "warmup_steps": 2,
-            "num_train_steps": 6,
-            "valid_steps": 3,
-            "log_steps": 1,
-            "seed": 7,
-            "device": "cpu",
-            **train,
-        },
+        "train": tiny_train_section(**train),
     }
 
 
@@ -608,3 +604,30 @@ def save_checkpoint(model: Any, path: Any, run_config: Mapping[str, Any] | None 
     from model.checkpoint import make_checkpoint
 
     torch.save(make_checkpoint(model, run_config, extra), path)
+
+
+def spawn_gloo(worker: Any, world: int, tmp_path: Path, timeout_s: float = 120.0) -> None:
+    """Run `worker(rank, world, init_file, out_dir)` in `world` processes; fail the test (and
+    kill them) when they are not done within `timeout_s`."""
+    ctx = mp.spawn(worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"gloo workers did not finish in {timeout_s:.0f} s")
+
+
+def first_epoch_rank_batches(dataset: Any, cfg: Any, world: int, per_rank_batch: int) -> list[list[list[int]]]:
+    """Each rank's epoch-0 batches (dataset indices), as train_itm.py's DDP sampler draws them."""
+    from utils.distributed import DistEnv
+    from utils.pipeline.samplers import make_batch_sampler
+
+    per_rank = []
+    for rank in range(world):
+        env = DistEnv("ddp", rank, world, rank, torch.device("cpu"))
+        sampler = make_batch_sampler(dataset.lens, per_rank_batch, "examples", env, seed=cfg.train.seed,
+                                     shuffle=True, img_names=dataset.img_names)
+        sampler.set_epoch(0)
+        per_rank.append(list(sampler))
+    return per_rank

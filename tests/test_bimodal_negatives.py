@@ -26,14 +26,12 @@ from data.img_db import image_key
 from data.synthetic import COLOURS, OBJECTS, SIZES, vocabulary
 from data.txt_db import TxtDb
 from model.losses import contrastive_loss
-from tests.helpers import itm_config, write_config
+from tests.helpers import first_epoch_rank_batches, itm_config, write_config
 from tests.test_distributed_training import PER_RANK_BATCH, WORLD, _torchrun
 from utils.config import ConfigError, DataConfig, load_config
-from utils.distributed import DistEnv
 from utils.engine.training import read_metrics
 from utils.errors import DataError
 from utils.pipeline.evaluation import open_img_db
-from utils.pipeline.samplers import make_batch_sampler
 
 GROUPS = [[10, 11, 12, 13], [20, 21]]
 
@@ -187,13 +185,7 @@ def test_two_gloo_ranks_give_the_loss_of_one_process(tiny_data, tiny_models, tmp
                                [open_img_db(p, cfg.data) for p in cfg.data.train_img_dbs])
     dataset.set_bimodal_negatives(BimodalNegatives.from_dict(cfg.train.bimodal_negatives), cfg.train.seed)
     dataset.set_epoch(0)
-    first = []
-    for rank in range(WORLD):
-        env = DistEnv("ddp", rank, WORLD, rank, torch.device("cpu"))
-        sampler = make_batch_sampler(dataset.lens, PER_RANK_BATCH, "examples", env, seed=cfg.train.seed,
-                                     shuffle=True, img_names=dataset.img_names)
-        sampler.set_epoch(0)
-        first.append(next(iter(sampler)))
+    first = [batches[0] for batches in first_epoch_rank_batches(dataset, cfg, WORLD, PER_RANK_BATCH)]
     # One process: rank 0's examples then rank 1's; the positives first, then the negatives
     # of rank 0 and those of rank 1, as the gather orders them.
     batches = [retrieval_collate([dataset[i] for i in first[r]]) for r in range(WORLD)]

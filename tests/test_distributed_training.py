@@ -19,12 +19,15 @@ from data.datasets import RetrievalDataset, retrieval_collate
 from data.txt_db import TxtDb
 from optim.optimizer import build_optimizer
 from optim.schedule import build_scheduler
-from tests.helpers import itm_config, pretrain_config, write_config
+from tests.helpers import (
+    first_epoch_rank_batches,
+    itm_config,
+    pretrain_config,
+    write_config,
+)
 from utils.config import load_config
-from utils.distributed import DistEnv
 from utils.engine.training import read_metrics
 from utils.pipeline.evaluation import open_img_db
-from utils.pipeline.samplers import make_batch_sampler
 
 REPO = Path(__file__).resolve().parents[1]
 PER_RANK_BATCH = 4
@@ -58,13 +61,7 @@ def _reference_losses(config: str) -> list[float]:
     model = train_itm.build_model(cfg)
     dataset = RetrievalDataset([TxtDb(p, cfg.data.max_txt_len) for p in cfg.data.train_txt_dbs],
                                [open_img_db(p, cfg.data) for p in cfg.data.train_img_dbs])
-    per_rank = []
-    for rank in range(WORLD):
-        env = DistEnv("ddp", rank, WORLD, rank, torch.device("cpu"))
-        sampler = make_batch_sampler(dataset.lens, PER_RANK_BATCH, "examples", env, seed=cfg.train.seed,
-                                     shuffle=True, img_names=dataset.img_names)
-        sampler.set_epoch(0)
-        per_rank.append(list(sampler))
+    per_rank = first_epoch_rank_batches(dataset, cfg, WORLD, PER_RANK_BATCH)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, cfg.train.num_train_steps)
     losses = []

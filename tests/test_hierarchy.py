@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import pretrain
 import train_itm
@@ -29,6 +27,7 @@ from tests.helpers import (
     random_boxes,
     random_text,
     save_checkpoint,
+    spawn_gloo,
     tiny_bert_config,
     write_config,
 )
@@ -309,13 +308,7 @@ def _concatenated(shards: list[dict]) -> dict:
 
 def test_two_gloo_ranks_give_the_first_step_loss_of_one_process(tmp_path):
     world = 2
-    ctx = mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=False)
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail("gloo workers did not finish in 120 s")
+    spawn_gloo(_worker, world, tmp_path)
 
     batch = _concatenated([_shard(r) for r in range(world)])
     for spec_name, spec in SPECS.items():

@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import math
 import os
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from model.losses import (
     contrastive_loss,
@@ -17,6 +15,7 @@ from model.losses import (
     mrfr_loss,
     softmax_ranking_loss,
 )
+from tests.helpers import spawn_gloo
 
 # S = TXT @ IMG.T = [[1, 0, 1], [0, 2, -1], [1, 2, 0]]
 TXT = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
@@ -120,15 +119,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 def test_gathered_loss_equals_single_process_loss(tmp_path) -> None:
     world = 2
-    ctx = mp.spawn(
-        _worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=False
-    )
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail("gloo workers did not finish in 120 s")
+    spawn_gloo(_worker, world, tmp_path)
 
     shards = [shard_tensors(r) for r in range(world)]
 
