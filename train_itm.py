@@ -26,7 +26,7 @@ from data.composed_negatives import BimodalNegatives
 from data.datasets import RetrievalDataset, retrieval_collate
 from model.biencoder import BiEncoder
 from model.checkpoint import load_biencoder_weights
-from model.losses import contrastive_loss, hierarchical_contrastive_loss
+from model.losses import hierarchical_contrastive_loss
 from utils.config import (
     ConfigError,
     RunConfig,
@@ -92,24 +92,16 @@ def check_paths(cfg: RunConfig) -> None:
 
 
 def itm_loss(model: torch.nn.Module, batch: Mapping[str, Any], task: str) -> dict[str, torch.Tensor]:
-    """Contrastive loss of a retrieval batch, negatives gathered over all ranks (with a
-    hierarchy: the weighted sum over its levels, whose lists the model returns)."""
-    txt_emb, img_emb = model(batch)
-    keys = {"num_pos": batch["num_pos"], "txt_img_keys": batch["txt_img_keys"], "img_keys": batch["img_keys"],
-            "mask_duplicates": True}
-    if isinstance(txt_emb, list):
-        out = hierarchical_contrastive_loss(txt_emb, img_emb, _bare_model(model).hierarchy.weights, **keys)
-    else:
-        # A VLDeformer scales its (cosine) logits; the LightningDOT bi-encoder does not.
-        out = contrastive_loss(txt_emb, img_emb, **keys,
-                               temperature=getattr(_bare_model(model), "loss_temperature", 1.0))
+    """Contrastive loss of a retrieval batch, negatives gathered over all ranks: the weighted
+    sum over the model's embedding levels (one level of weight 1 for a flat model)."""
+    bare = unwrap_model(model)
+    txt_levels, img_levels = model(batch)
+    out = hierarchical_contrastive_loss(
+        txt_levels, img_levels, bare.level_weights, num_pos=batch["num_pos"], txt_img_keys=batch["txt_img_keys"],
+        img_keys=batch["img_keys"], mask_duplicates=True, temperature=bare.loss_temperature,
+    )
     return {"loss": out.loss, "acc_t2i": out.n_correct_t2i.float() / out.n_pos,
             "acc_i2t": out.n_correct_i2t.float() / out.n_pos}
-
-
-def _bare_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The bi-encoder inside the trainer's wrappers (torch.compile, then DDP)."""
-    return unwrap_model(getattr(model, "_orig_mod", model))
 
 
 def build_model(cfg: RunConfig) -> BiEncoder:

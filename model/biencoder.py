@@ -6,8 +6,11 @@ Score = plain dot product of the two embeddings; no normalisation, no temperatur
 how both towers run their encoders; the pre-training model follows its bi-encoder's.
 
 `BiEncoderConfig.hierarchy` (`utils/hierarchy.py`, off by default) trains the embedding at
-several sizes: `encode_*_levels` return one embedding per level, `forward` returns the
-levels, and `encode_text` / `encode_image` keep returning the full embedding (the last level).
+several sizes: `encode_*_levels` return one embedding per level (a flat model has one), and
+`encode_text` / `encode_image` return the full embedding (the last level).
+
+The model implements the retrieval contract (`model/retrieval.py`) and its `TOKEN_STATES`
+capability (the towers' per-token states, for the VMLM and SMRM pre-training tasks).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import torch
 from torch import nn
 
 from model.packed import DEFAULT_EXECUTION, VarlenLayout, check_execution
+from model.retrieval import TOKEN_STATES, RetrievalModel, TokenStates
 from model.state_dicts import (
     CheckpointError,
     drop_prefixes,
@@ -110,13 +114,15 @@ class BiEncoderConfig:
         return config_from_dict(cls, data)
 
 
-class BiEncoder(nn.Module):
+class BiEncoder(RetrievalModel, TokenStates):
     """Text tower `txt_model` + image tower `img_model` (original state-dict layout).
 
-    `forward(batch)` encodes whichever of `batch["txt"]` / `batch["img"]` is present, so the
-    model can sit under DDP; `encode_text` / `encode_image` are the direct entry points.
-    With a hierarchy, `forward` returns the levels and `encode_*_levels` compute them.
+    `forward(batch)` returns the levels of whichever of `batch["txt"]` / `batch["img"]` is
+    present (the contract's); `encode_text` / `encode_image` compute the full embedding only.
     """
+
+    family = "lightningdot"
+    capabilities = frozenset({TOKEN_STATES})
 
     def __init__(self, config: BiEncoderConfig) -> None:
         super().__init__()
@@ -147,16 +153,38 @@ class BiEncoder(nn.Module):
         return list(self.hierarchy.dims)
 
     @property
-    def execution(self) -> str:
-        """`packed` or `padded`: how both towers run (see `BiEncoderConfig.execution`)."""
-        return self.config.execution
+    def level_weights(self) -> list[float]:
+        """Contrastive-loss weight of every level (flat model: [1.0])."""
+        if self.hierarchy is None:
+            return [1.0]
+        return list(self.hierarchy.weights)
 
-    @execution.setter
-    def execution(self, execution: str) -> None:
+    def _set_execution(self, execution: str) -> None:
         # The config is what checkpoints store; the towers dispatch on their own copy.
         self.config.execution = check_execution(execution)
         self.txt_model.execution = execution
         self.img_model.execution = execution
+
+    # ------------------------------------------------------------ token states (TOKEN_STATES)
+
+    @property
+    def cls_concat(self) -> str:
+        """How pre-training combines one tower's [CLS] with the other's states."""
+        return self.config.cls_concat
+
+    def head_configs(self) -> tuple[Any, Any]:
+        """(text, image) tower BERT configs, without the run's dropout override."""
+        return build_bert_config(self.config.txt_config), build_bert_config(self.config.img_config)
+
+    @property
+    def tied_word_embeddings(self) -> nn.Parameter:
+        """The image tower's word embeddings (the VMLM decoder of the original is tied to them)."""
+        return self.img_model.bert.embeddings.word_embeddings.weight
+
+    @property
+    def tied_region_projection(self) -> nn.Parameter:
+        """The image tower's `img_linear.weight` (MRFR regresses through it)."""
+        return self.img_model.bert.img_embeddings.img_linear.weight
 
     def fix_txt_encoder(self, fixed: bool = True) -> None:
         """Freeze (or unfreeze) the whole text tower, projection included."""
@@ -280,31 +308,6 @@ class BiEncoder(nn.Module):
         with self._grad_context(self._img_fixed):
             cls_hidden = self.img_model.cls_hidden(img_feat, img_pos, img_mask, img_masked)
             return self._levels(self.img_model, cls_hidden)
-
-    @staticmethod
-    def score(txt_emb: torch.Tensor, img_emb: torch.Tensor) -> torch.Tensor:
-        """(T, I) matrix of dot products `txt_emb @ img_emb.T`."""
-        return txt_emb @ img_emb.t()
-
-    def forward(self, batch: Mapping[str, Any]) -> tuple[Any, Any]:
-        """Encode the `txt` and/or `img` inputs of a batch (docs/architecture.md layout).
-
-        Returns:
-            Flat model: (txt_emb or None, img_emb or None). With a hierarchy: (list of text
-            levels or None, list of image levels or None), as `encode_*_levels`; every level
-            head is used, so DDP sees every parameter.
-        """
-        txt_emb = img_emb = None
-        hierarchical = self.hierarchy is not None
-        if batch.get("txt") is not None:
-            txt = batch["txt"]
-            encode_txt = self.encode_text_levels if hierarchical else self.encode_text
-            txt_emb = encode_txt(txt["input_ids"], txt["attention_mask"])
-        if batch.get("img") is not None:
-            img = batch["img"]
-            encode_img = self.encode_image_levels if hierarchical else self.encode_image
-            img_emb = encode_img(img["img_feat"], img["img_pos"], img["img_mask"], img.get("img_masked"))
-        return txt_emb, img_emb
 
 
 def level_head_keys(keys: Iterable[str]) -> list[str]:

@@ -20,7 +20,6 @@ from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
 from model.biencoder import BiEncoder
 from model.losses import (
-    contrastive_loss,
     hierarchical_contrastive_loss,
     mlm_loss,
     mrckl_loss,
@@ -207,22 +206,17 @@ class PretrainModel(nn.Module):
 
     def cmr_outputs(
         self,
-        txt_emb: torch.Tensor | list[torch.Tensor],
-        img_emb: torch.Tensor | list[torch.Tensor],
+        txt_levels: list[torch.Tensor],
+        img_levels: list[torch.Tensor],
         batch: Mapping[str, Any],
     ) -> dict[str, torch.Tensor]:
-        """CMR loss and accuracy counts from already computed embeddings of `batch`
-        (tensors, or the level lists a hierarchical bi-encoder's `forward` returns)."""
-        kwargs = {
-            "num_pos": batch.get("num_pos"),
-            "txt_img_keys": batch.get("txt_img_keys"),
-            "img_keys": batch.get("img_keys"),
-            "mask_duplicates": self.mask_duplicates,
-        }
-        if isinstance(txt_emb, list):
-            out = hierarchical_contrastive_loss(txt_emb, img_emb, self.bert.hierarchy.weights, **kwargs)
-        else:
-            out = contrastive_loss(txt_emb, img_emb, **kwargs)
+        """CMR loss and accuracy counts from already computed embedding levels of `batch`
+        (what the bi-encoder's `forward` returns): the weighted sum over the levels."""
+        out = hierarchical_contrastive_loss(
+            txt_levels, img_levels, self.bert.level_weights,
+            num_pos=batch.get("num_pos"), txt_img_keys=batch.get("txt_img_keys"), img_keys=batch.get("img_keys"),
+            mask_duplicates=self.mask_duplicates, temperature=self.bert.loss_temperature,
+        )
         return {
             "loss": out.loss,
             "n_correct_t2i": out.n_correct_t2i,

@@ -11,15 +11,14 @@ The embedding of a pass pools its last layer (`cls`: position 0; `mean`: mean ov
 positions only, so padding never changes it), optionally applies tanh (the original code
 does) and an `encode_proj` projection, and with `score: cosine` is L2-normalised, so the
 indexes' dot product is the cosine. `temperature` divides the contrastive loss logits only
-(`train_itm.itm_loss` reads `loss_temperature`); retrieval ranks are unchanged by it.
+(the contract's `loss_temperature`); retrieval ranks are unchanged by it.
 
 The original code (github idealwhite/VLDeformer) averages over every output position of the
 padded batch, padding included; `pooling: mean` here masks the padding, so an embedding does
 not depend on what else is in its batch.
 
-The model has the surface of `model.biencoder.BiEncoder` (`encode_text`, `encode_image`,
-`forward(batch)`, `txt_model.out_dim`, `config.to_dict()`, `execution`), so training,
-evaluation, mining, inference and re-ranking take it unchanged. Its state dict is UNITER's
+The model implements the retrieval contract (`model/retrieval.py`: one flat level), so
+training, evaluation, mining, inference and re-ranking take it unchanged. Its state dict is UNITER's
 (`uniter.*`, plus `encode_proj.*` when projected), so a UNITER checkpoint or our
 cross-encoder checkpoint initialises it (`load_vldeformer_init`): the decomposition.
 """
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.packed import DEFAULT_EXECUTION, check_execution, encoder_packed, packable
+from model.retrieval import RetrievalModel
 from model.state_dicts import (
     CheckpointError,
     load_strict,
@@ -124,11 +124,10 @@ def is_vldeformer_config(model_config: Mapping[str, Any]) -> bool:
     return model_config.get("model_type") == MODEL_TYPE
 
 
-class VLDeformer(nn.Module):
+class VLDeformer(RetrievalModel):
     """One UNITER body (`uniter`) encoding text and images separately (see the module doc)."""
 
-    # The model is its own text and image side: `model.txt_model.out_dim` reads `out_dim`.
-    hierarchy = None
+    family = MODEL_TYPE
 
     def __init__(self, config: VLDeformerConfig) -> None:
         super().__init__()
@@ -140,16 +139,6 @@ class VLDeformer(nn.Module):
             init_bert_weights(self.encode_proj, bert_cfg.initializer_range)
 
     @property
-    def txt_model(self) -> VLDeformer:
-        """The text side: the shared model itself (for `txt_model.out_dim`)."""
-        return self
-
-    @property
-    def img_model(self) -> VLDeformer:
-        """The image side: the shared model itself."""
-        return self
-
-    @property
     def out_dim(self) -> int:
         """Size of the embeddings of both passes."""
         if self.encode_proj is not None:
@@ -158,7 +147,7 @@ class VLDeformer(nn.Module):
 
     @property
     def level_dims(self) -> list[int]:
-        """One flat embedding level (the bi-encoder's hierarchy interface)."""
+        """One flat embedding level."""
         return [self.out_dim]
 
     @property
@@ -166,13 +155,7 @@ class VLDeformer(nn.Module):
         """What the contrastive loss divides its logits by."""
         return self.config.temperature
 
-    @property
-    def execution(self) -> str:
-        """`packed` or `padded` (see `VLDeformerConfig.execution`)."""
-        return self.config.execution
-
-    @execution.setter
-    def execution(self, execution: str) -> None:
+    def _set_execution(self, execution: str) -> None:
         self.config.execution = check_execution(execution)
 
     # ---------------------------------------------------------------- the two passes
@@ -230,35 +213,19 @@ class VLDeformer(nn.Module):
             pooled = F.normalize(pooled.float(), dim=-1).to(pooled.dtype)
         return pooled
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, D) text embeddings of `[CLS] ids [SEP]` rows (right-padded)."""
-        return self.embed(self.pool(*self.text_inputs(input_ids, attention_mask)))
+    def encode_text_levels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        """[(B, D)] text embeddings of `[CLS] ids [SEP]` rows (right-padded): one level."""
+        return [self.embed(self.pool(*self.text_inputs(input_ids, attention_mask)))]
 
-    def encode_image(
+    def encode_image_levels(
         self,
         img_feat: torch.Tensor,
         img_pos: torch.Tensor,
         img_mask: torch.Tensor,
         img_masked: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """(B, D) image embeddings of padded regions."""
-        return self.embed(self.pool(*self.image_inputs(img_feat, img_pos, img_mask, img_masked)))
-
-    @staticmethod
-    def score(txt_emb: torch.Tensor, img_emb: torch.Tensor) -> torch.Tensor:
-        """(T, I) retrieval scores: dot products (cosines with `score: cosine`)."""
-        return txt_emb @ img_emb.t()
-
-    def forward(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Encode the `txt` and/or `img` inputs of a batch, as `BiEncoder.forward`."""
-        txt_emb = img_emb = None
-        if batch.get("txt") is not None:
-            txt = batch["txt"]
-            txt_emb = self.encode_text(txt["input_ids"], txt["attention_mask"])
-        if batch.get("img") is not None:
-            img = batch["img"]
-            img_emb = self.encode_image(img["img_feat"], img["img_pos"], img["img_mask"], img.get("img_masked"))
-        return txt_emb, img_emb
+    ) -> list[torch.Tensor]:
+        """[(B, D)] image embeddings of padded regions: one level."""
+        return [self.embed(self.pool(*self.image_inputs(img_feat, img_pos, img_mask, img_masked)))]
 
 
 def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

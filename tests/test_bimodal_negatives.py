@@ -191,7 +191,8 @@ def test_two_gloo_ranks_give_the_loss_of_one_process(tiny_data, tiny_models, tmp
     batches = [retrieval_collate([dataset[i] for i in first[r]]) for r in range(WORLD)]
     assert all(len(b["txt_ids"]) > b["num_pos"] and len(b["img_names"]) > b["num_pos"] for b in batches)
     with torch.no_grad():
-        embs = [model(b) for b in batches]
+        # The model returns its embedding levels; a flat model has one.
+        embs = [tuple(levels[-1] for levels in model(b)) for b in batches]
 
     def order(side: int, keys: str) -> tuple[torch.Tensor, torch.Tensor]:
         pos = [e[side][: b["num_pos"]] for e, b in zip(embs, batches)]

@@ -104,13 +104,13 @@ def test_score_forward_and_freezing() -> None:
         "txt": {"input_ids": ids, "attention_mask": mask},
         "img": {"img_feat": feat, "img_pos": pos, "img_mask": img_mask},
     }
-    txt_emb, img_emb = model(batch)
+    [txt_emb], [img_emb] = model(batch)
     torch.testing.assert_close(model.score(txt_emb, img_emb), txt_emb @ img_emb.t())
     assert model({"txt": batch["txt"]})[1] is None
 
     model.train()
     model.fix_txt_encoder()
-    txt_emb, img_emb = model(batch)
+    [txt_emb], [img_emb] = model(batch)
     assert not txt_emb.requires_grad
     (txt_emb.detach() @ img_emb.t()).sum().backward()
     assert all(p.grad is None for p in model.txt_model.parameters())

@@ -299,5 +299,7 @@ def wrap_optimizer(
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare module inside a DDP wrapper."""
+    """The bare module inside the trainer's wrappers (`torch.compile` around DDP)."""
+    if hasattr(model, "_orig_mod"):  # torch.compile's wrapper
+        model = model._orig_mod
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model

@@ -570,8 +570,9 @@ class Trainer:
     def _no_sync(self, last: bool) -> contextlib.AbstractContextManager:
         # DDP all-reduces gradients on every backward; only the last micro-batch of an
         # accumulation needs it (Horovod counts backward passes itself).
-        model = self.forward_model
-        ddp = getattr(model, "_orig_mod", model)
+        ddp = self.forward_model
+        if hasattr(ddp, "_orig_mod"):  # torch.compile's wrapper
+            ddp = ddp._orig_mod
         if not last and isinstance(ddp, nn.parallel.DistributedDataParallel):
             return ddp.no_sync()
         return contextlib.nullcontext()

@@ -116,10 +116,10 @@ def run_inference(config: RunConfig, checkpoint: str, out_dir: str | os.PathLike
         model.to(env.device)
         precision = pick_precision(precision_name, config.train.precision, env.device)
         timing["load_model_s"] = time.perf_counter() - t0
-        dim = model.txt_model.out_dim
-        hierarchical = model.hierarchy is not None
+        dim = model.embedding_dim
         # Every level gets its own embeddings and index; a flat model has one level, `dim`.
-        dims = list(model.level_dims) if hierarchical else [dim]
+        dims = list(model.level_dims)
+        hierarchical = len(dims) > 1
         stages = parse_cascade(config.retrieval.cascade, config.retrieval.top_k, dims)
         model_config = model.config.to_dict()
         bs = batch_size or config.retrieval.inf_minibatch_size or config.train.val_batch_size
