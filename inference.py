@@ -60,12 +60,13 @@ from typing import Any
 
 import torch
 
-from utils.config import add_config_args, config_from_args
+from utils.config import add_config_args
 from utils.errors import MissingPathError, UsageError, run_cli
 from utils.original_programs import LIGHTNINGDOT_EVAL_ITM
 from utils.pipeline.inference_run import run_inference
 from utils.pipeline.query import Searcher, TextReranker, search_index
 from utils.pipeline.retrieval_dir import PRECISIONS
+from utils.pipeline.run_config import run_config_from_args
 
 # ---------------------------------------------------------------- main run
 
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return serve(argv[1:])
     args = build_parser().parse_args(argv)
     out_dir = args.output_dir
-    config = config_from_args(args, LIGHTNINGDOT_EVAL_ITM)
+    config = run_config_from_args(args, LIGHTNINGDOT_EVAL_ITM)
     if out_dir is None:
         out_dir = config.output_dir
     return run_inference(config, args.checkpoint, out_dir, args.precision, args.batch_size, args.shard_size)

@@ -22,23 +22,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.pretrain_heads import PretrainModel
-from utils.config import (
-    ConfigError,
-    DatasetSpec,
-    RunConfig,
-    add_config_args,
-    config_from_args,
-    require_path,
-)
+from utils.config import DatasetSpec, RunConfig, add_config_args, require_path
 from utils.distributed import init_distributed, shutdown
 from utils.engine.run import after_update
 from utils.engine.training import MicroBatch, add_run_args
-from utils.errors import run_cli
+from utils.errors import ConfigError, run_cli
 from utils.original_programs import LIGHTNINGDOT_PRETRAIN
 from utils.pipeline.model_setup import build_pretrain_model_for_run, check_model_paths
 from utils.pipeline.pretrain_data import build_streams, build_val_data, validate
 from utils.pipeline.pretrain_tasks import PRETRAIN_TASKS
+from utils.pipeline.run_config import PRETRAIN, run_config_from_args
 from utils.pipeline.training_run import TrainingRun, save_model
 from utils.precision import resolve_precision
 from utils.rng import seed_everything
@@ -75,20 +68,14 @@ def check_paths(cfg: RunConfig) -> None:
     _check_dataset_paths(cfg.data.train_datasets, "train_datasets")
     _check_dataset_paths(cfg.data.val_datasets, "val_datasets")
     check_model_paths(cfg.model, pretrain=True)
-    if cfg.cross_encoder.checkpoint:
-        # Our earlier configs spelled the pre-training start `model.checkpoint`, which is now
-        # the cross-encoder's (and the original pretrain.py never read `checkpoint`).
-        logger.warning(
-            "cross_encoder.checkpoint (model.checkpoint / checkpoint in older configs) = %s has no "
-            "effect in pre-training; set model.pretrain_checkpoint to start from a pre-training "
-            "checkpoint", cfg.cross_encoder.checkpoint,
-        )
 
 
-def build_model(cfg: RunConfig) -> PretrainModel:
-    """The initial model: identical on every rank, a function of `train.seed` alone."""
+def build_model(cfg: RunConfig, tasks: Sequence[str] = ()) -> torch.nn.Module:
+    """The initial model (the bi-encoder with the heads of every task its family can run;
+    `tasks`, those the run trains, must be among them): identical on every rank, a function
+    of `train.seed` alone."""
     seed_everything(cfg.train.seed)
-    return build_pretrain_model_for_run(cfg.model)
+    return build_pretrain_model_for_run(cfg.model, tasks)
 
 
 def draw_stream(seed: int, step: int, micro: int, ratios: np.ndarray) -> int:
@@ -115,7 +102,7 @@ def main(
         on_step: called after every optimizer step with (step, metrics); tests use it.
     """
     args = parse_args(argv)
-    cfg = config_from_args(args, LIGHTNINGDOT_PRETRAIN)
+    cfg = run_config_from_args(args, LIGHTNINGDOT_PRETRAIN, PRETRAIN)
     check_paths(cfg)
 
     # ---- device, precision and distribution: every such decision is made here, once ----
@@ -135,7 +122,7 @@ def main(
         val = build_val_data(cfg, env, pin_memory)
         logger.info("streams: %s", ", ".join(f"{s.loader.name} x{s.ratio:g}" for s in streams))
 
-        model = build_model(cfg).to(env.device)
+        model = build_model(cfg, sorted({s.task for s in streams})).to(env.device)
         trainer = run.trainer(model, precision, {f"stream{i}:{s.loader.name}": s.loader for i, s in enumerate(streams)},
                               on_step=on_step)
         val_metrics: dict[str, Any] = {}

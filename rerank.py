@@ -45,10 +45,10 @@ import sys
 import time
 from typing import Any
 
-from utils.config import ConfigError, add_config_args, config_from_args, load_config
+from utils.config import add_config_args
 from utils.distributed import init_distributed, shutdown
 from utils.engine.training import add_run_args
-from utils.errors import run_cli
+from utils.errors import ConfigError, run_cli
 from utils.original_programs import UNITER_TRAIN_ITM
 from utils.pipeline.reranking import (
     RERANKERS,
@@ -62,6 +62,11 @@ from utils.pipeline.retrieval_dir import (
     open_split,
     pick_precision,
     resolve_split,
+)
+from utils.pipeline.run_config import (
+    TRAIN_CROSS_ENCODER,
+    load_run_config,
+    run_config_from_args,
 )
 
 logger = logging.getLogger("rerank")
@@ -93,12 +98,10 @@ def run_rerank(args: argparse.Namespace) -> dict[str, Any]:
     """The re-ranking command (see module docstring)."""
 
     output_dir = args.output_dir
-    config = load_config(args.config, args.overrides)
+    config = load_run_config(args.config, args.overrides)
     split = resolve_split(config)
     top_m = args.top_m if args.top_m is not None else config.rerank.top_m
     alpha = args.alpha if args.alpha is not None else config.rerank.alpha
-    if config.rerank.reranker not in RERANKERS:
-        raise ConfigError(f"rerank.reranker: {config.rerank.reranker!r} is not one of {sorted(RERANKERS)}")
     checkpoint = args.reranker_checkpoint or config.cross_encoder.checkpoint
     if not checkpoint:
         raise ConfigError("no re-ranker: pass --reranker_checkpoint (or set cross_encoder.checkpoint)")
@@ -141,7 +144,7 @@ def build_train_parser() -> argparse.ArgumentParser:
 
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
     """ITM ranking fine-tuning of a UNITER cross-encoder (see module docstring)."""
-    config = config_from_args(args, UNITER_TRAIN_ITM)
+    config = run_config_from_args(args, UNITER_TRAIN_ITM, TRAIN_CROSS_ENCODER)
     check_training_config(config)
     env = init_distributed(config.train.distributed, config.train.device)
     try:

@@ -22,22 +22,15 @@ from typing import Any
 
 import torch
 
-from data.composed_negatives import BimodalNegatives
 from data.datasets import RetrievalDataset, retrieval_collate
-from model.biencoder import BiEncoder
 from model.checkpoint import load_biencoder_weights
 from model.losses import hierarchical_contrastive_loss
-from utils.config import (
-    ConfigError,
-    RunConfig,
-    add_config_args,
-    config_from_args,
-    require_path,
-)
+from model.retrieval import RetrievalModel
+from utils.config import RunConfig, add_config_args, require_path
 from utils.distributed import DistEnv, barrier, init_distributed, shutdown, unwrap_model
 from utils.engine.run import BestCheckpoint, after_update
 from utils.engine.training import MicroBatch, ResumableLoader, Trainer, add_run_args
-from utils.errors import run_cli
+from utils.errors import ConfigError, run_cli
 from utils.files import atomic_write_json
 from utils.original_programs import LIGHTNINGDOT_TRAIN_ITM
 from utils.pipeline.evaluation import (
@@ -48,6 +41,7 @@ from utils.pipeline.evaluation import (
     open_txt_db,
 )
 from utils.pipeline.model_setup import build_biencoder_for_run, check_model_paths
+from utils.pipeline.run_config import TRAIN_ITM, run_config_from_args
 from utils.pipeline.samplers import make_batch_sampler
 from utils.pipeline.training_run import TrainingRun, save_model
 from utils.precision import Precision, resolve_precision
@@ -86,9 +80,9 @@ def check_paths(cfg: RunConfig) -> None:
             require_path(txt, f"{split}_txt_db", "dir")
             require_path(img, f"{split}_img_db", "dir")
     check_model_paths(cfg.model)
-    bimodal = BimodalNegatives.from_dict(cfg.train.bimodal_negatives)
+    bimodal = cfg.data.bimodal_negatives
     if bimodal is not None and bimodal.vocab:
-        require_path(bimodal.vocab, "train.bimodal_negatives.vocab", "file")
+        require_path(bimodal.vocab, "data.bimodal_negatives.vocab", "file")
 
 
 def itm_loss(model: torch.nn.Module, batch: Mapping[str, Any], task: str) -> dict[str, torch.Tensor]:
@@ -104,7 +98,7 @@ def itm_loss(model: torch.nn.Module, batch: Mapping[str, Any], task: str) -> dic
             "acc_i2t": out.n_correct_i2t.float() / out.n_pos}
 
 
-def build_model(cfg: RunConfig) -> BiEncoder:
+def build_model(cfg: RunConfig) -> RetrievalModel:
     """The initial bi-encoder: identical on every rank, a function of `train.seed` alone."""
     seed_everything(cfg.train.seed)
     return build_biencoder_for_run(cfg.model)
@@ -122,7 +116,7 @@ def main(
         on_step: called after every optimizer step with (step, metrics); tests use it.
     """
     args = parse_args(argv)
-    cfg = config_from_args(args, LIGHTNINGDOT_TRAIN_ITM)
+    cfg = run_config_from_args(args, LIGHTNINGDOT_TRAIN_ITM, TRAIN_ITM)
     check_paths(cfg)
 
     # ---- device, precision and distribution: every such decision is made here, once ----
@@ -137,7 +131,7 @@ def main(
         txt_dbs = [open_txt_db(p, cfg.data) for p in cfg.data.train_txt_dbs]
         img_dbs = [open_img_db(p, cfg.data) for p in cfg.data.train_img_dbs]
         dataset = RetrievalDataset(txt_dbs, img_dbs)
-        dataset.set_bimodal_negatives(BimodalNegatives.from_dict(cfg.train.bimodal_negatives), cfg.train.seed)
+        dataset.set_bimodal_negatives(cfg.data.bimodal_negatives, cfg.train.seed)
         sampler = make_batch_sampler(
             dataset.lens, cfg.train.train_batch_size, cfg.train.batch_size_unit, env,
             seed=cfg.train.seed, shuffle=True, img_names=dataset.img_names,
@@ -181,7 +175,7 @@ def _mining_due(cfg: RunConfig, miner: HardNegativeMiner, loader: ResumableLoade
     return loader.at_epoch_start and loader.epoch >= first and miner.mined_epoch != loader.epoch
 
 
-def _train(cfg: RunConfig, env: DistEnv, precision: Precision, model: BiEncoder, trainer: Trainer,
+def _train(cfg: RunConfig, env: DistEnv, precision: Precision, model: RetrievalModel, trainer: Trainer,
            loader: ResumableLoader, miner: HardNegativeMiner, val: EvalSplit | None, best: BestCheckpoint,
            accumulation: int) -> None:
     """The training loop: hard-negative mining when due, updates, then the shared cadence."""
@@ -205,7 +199,7 @@ def _train(cfg: RunConfig, env: DistEnv, precision: Precision, model: BiEncoder,
         after_update(trainer, cfg.train, validate)
 
 
-def _finish(cfg: RunConfig, env: DistEnv, precision: Precision, model: BiEncoder, trainer: Trainer,
+def _finish(cfg: RunConfig, env: DistEnv, precision: Precision, model: RetrievalModel, trainer: Trainer,
             best: BestCheckpoint, out: Path) -> dict[str, Any]:
     """Save the last model, evaluate the best one on the test split."""
     save_model(model, out / CKPT_DIR / BIENCODER_LAST, cfg, {"step": trainer.step}, env)

@@ -8,6 +8,7 @@
   another image; the region count stays that of the positive image, so the box-count rules
   (`min_bb` .. `max_bb`) that selected it still hold.
 
+`data.bimodal_negatives` of a run config (`utils.config.BimodalNegatives`) says how many and how;
 `RetrievalDataset.set_bimodal_negatives` (data/datasets.py) adds them to each example as extra
 negative rows of the batch, exactly like mined hard negatives: composed captions become
 candidates for the image queries, composed images for the caption queries, and the
@@ -26,72 +27,16 @@ the run's tokenizer.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from utils.config import ConfigError
 from utils.errors import DataError, MissingPathError
 
 # No real caption id or image name starts with a NUL character.
 COMPOSED_PREFIX = "\x00composed:"
-_KEYS = ("text", "image", "word_replace_prob", "region_mix", "vocab")
-
-
-@dataclass(frozen=True)
-class BimodalNegatives:
-    """`train.bimodal_negatives`: how many composed negatives of each kind, and how.
-
-    Attributes:
-        text: composed captions per positive pair.
-        image: composed images per positive pair.
-        word_replace_prob: chance that each object word of a caption is replaced.
-        region_mix: share of a composed image's regions taken from another image.
-        vocab: the vocabulary file (token ids of object words); needed when `text` > 0.
-    """
-
-    text: int = 0
-    image: int = 0
-    word_replace_prob: float = 0.3
-    region_mix: float = 0.5
-    vocab: str = ""
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> BimodalNegatives | None:
-        """Parse and check the config dict; None when it is empty or asks for no negatives.
-
-        Raises:
-            ConfigError: an unknown key or a value out of range (the key is named).
-        """
-        if not data:
-            return None
-        unknown = sorted(set(data) - set(_KEYS))
-        if unknown:
-            raise ConfigError(f"train.bimodal_negatives: unknown keys {unknown}; known: {list(_KEYS)}")
-        spec = cls(**dict(data))
-        for key in ("text", "image"):
-            value = getattr(spec, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"train.bimodal_negatives.{key} must be an integer >= 0, got {value!r}")
-        if not 0.0 < float(spec.word_replace_prob) <= 1.0:
-            raise ConfigError(
-                f"train.bimodal_negatives.word_replace_prob must be in (0, 1], got {spec.word_replace_prob!r}"
-            )
-        if not 0.0 < float(spec.region_mix) < 1.0:
-            raise ConfigError(f"train.bimodal_negatives.region_mix must be in (0, 1), got {spec.region_mix!r}")
-        if spec.text > 0 and not spec.vocab:
-            raise ConfigError(
-                "train.bimodal_negatives.vocab is not set: composed captions need a vocabulary "
-                "file of object-word token ids (scripts/make_object_vocab.py; the synthetic data "
-                "has object_vocab.txt)"
-            )
-        if spec.text == 0 and spec.image == 0:
-            return None
-        return spec
 
 
 def read_object_vocab(path: str | os.PathLike[str]) -> list[list[int]]:
@@ -105,7 +50,7 @@ def read_object_vocab(path: str | os.PathLike[str]) -> list[list[int]]:
     """
     path = Path(path)
     if not path.is_file():
-        raise MissingPathError(f"train.bimodal_negatives.vocab: {path} does not exist")
+        raise MissingPathError(f"data.bimodal_negatives.vocab: {path} does not exist")
     groups: dict[str, set[int]] = {}
     seen: dict[int, str] = {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):

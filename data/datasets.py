@@ -22,7 +22,6 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
 from data.composed_negatives import (
-    BimodalNegatives,
     composed_caption_id,
     composed_image_name,
     mix_regions,
@@ -31,8 +30,8 @@ from data.composed_negatives import (
 )
 from data.img_db import ImgDb, image_key
 from data.txt_db import TxtDb
-from utils.config import ConfigError
-from utils.errors import DataError
+from utils.config import BimodalNegatives
+from utils.errors import ConfigError, DataError
 from utils.region_features import BOX_DIM, FEAT_DIM
 
 IGNORE_INDEX = -100

@@ -74,8 +74,9 @@ class BiEncoderConfig:
         execution: `packed` (real tokens only, [CLS]-only last layer) or `padded` (every
             position of the batch): the same function, held equal by tests/test_packed.py.
             Checkpoints written before this field existed load with the default.
-        hierarchy: the embedding hierarchy as `Hierarchy.to_dict()` (weights filled in), or
-            None: one flat embedding. Checkpoints written before this field existed are flat.
+        hierarchy: the embedding hierarchy, or None: one flat embedding. Checkpoints store
+            `Hierarchy.to_dict()` (weights filled in); those written before this field
+            existed are flat.
     """
 
     txt_config: dict[str, Any]
@@ -88,14 +89,15 @@ class BiEncoderConfig:
     img_dim: int = FEAT_DIM
     attn_implementation: str = "sdpa"
     execution: str = DEFAULT_EXECUTION
-    hierarchy: dict[str, Any] | None = None
+    hierarchy: Hierarchy | None = None
 
     def __post_init__(self) -> None:
         check_execution(self.execution)
-        full_dim = self.project_dim or self.txt_config.get("hidden_size", 768)
-        parsed = Hierarchy.from_dict(self.hierarchy, full_dim)
-        # Normalised, so checkpoints record the weights even when the config left them out.
-        self.hierarchy = parsed.to_dict() if parsed is not None else None
+        if self.hierarchy is not None and not isinstance(self.hierarchy, Hierarchy):
+            # The stored (checkpoint) form.
+            self.hierarchy = Hierarchy.from_dict(self.hierarchy)
+        if self.hierarchy is not None:
+            self.hierarchy.check_full_dim(self.project_dim or self.txt_config.get("hidden_size", 768))
         if self.cls_concat == "":
             # The original configs spell "no combination" as an empty string.
             self.cls_concat = "none"
@@ -106,7 +108,9 @@ class BiEncoderConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form (what checkpoints store)."""
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["hierarchy"] = self.hierarchy.to_dict() if self.hierarchy is not None else None
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BiEncoderConfig:
@@ -131,8 +135,8 @@ class BiEncoder(RetrievalModel, TokenStates):
         img_cfg = build_bert_config(config.img_config, config.dropout, config.attn_implementation)
         self.txt_model = TextTower(txt_cfg, config.project_dim, config.execution)
         self.img_model = ImageTower(img_cfg, config.project_dim, config.img_dim, config.execution)
-        # The config holds the checked, normalised spec (BiEncoderConfig.__post_init__).
-        self.hierarchy = Hierarchy.from_dict(config.hierarchy)
+        # The config holds the checked spec (BiEncoderConfig.__post_init__).
+        self.hierarchy = config.hierarchy
         if self.hierarchy is not None and self.hierarchy.mode == "heads":
             # Built after the towers, so the towers' initial weights are those of a flat model
             # of the same seed. The heads live in the towers: freezing a tower freezes them too.
@@ -379,7 +383,7 @@ def build_biencoder(
     fix_img_encoder: bool = False,
     attn_implementation: str = "sdpa",
     execution: str = DEFAULT_EXECUTION,
-    hierarchy: Mapping[str, Any] | None = None,
+    hierarchy: Hierarchy | None = None,
 ) -> BiEncoder:
     """Build a bi-encoder from local config paths.
 
@@ -396,7 +400,7 @@ def build_biencoder(
         fix_img_encoder: freeze the image tower.
         attn_implementation: `sdpa` or `eager`.
         execution: `packed` or `padded` (see `BiEncoderConfig.execution`).
-        hierarchy: `{mode, dims, weights}` (see `utils/hierarchy.py`); None or empty = flat.
+        hierarchy: the embedding hierarchy (`utils/hierarchy.py`); None = flat.
 
     Raises:
         FileNotFoundError: a config path does not exist (hub names included).
@@ -412,7 +416,7 @@ def build_biencoder(
         fix_img_encoder=fix_img_encoder,
         attn_implementation=attn_implementation,
         execution=execution,
-        hierarchy=dict(hierarchy) if hierarchy else None,
+        hierarchy=hierarchy,
     )
     model = BiEncoder(config)
     weights = hf_weights_file(txt_model_config)

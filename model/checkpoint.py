@@ -18,18 +18,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from model.biencoder import (
-    BiEncoder,
-    BiEncoderConfig,
-    check_level_heads,
-    load_text_tower_state,
-)
+from model.biencoder import BiEncoder, check_level_heads, load_text_tower_state
 from model.cross_encoder import CrossEncoderConfig, UniterCrossEncoder
-from model.pretrain_heads import PretrainModel
+from model.formats import (
+    BIENCODER_FORMAT,
+    CROSS_ENCODER_FORMAT,
+    FORMAT_VERSION,
+    OUR_FORMATS,
+    PRETRAIN_FORMAT,
+)
+from model.retrieval import RetrievalModel
 from model.state_dicts import (
     CheckpointError,
     drop_prefixes,
@@ -39,23 +41,16 @@ from model.state_dicts import (
     select_prefix,
 )
 from model.towers import ImageTower, TextTower, hf_weights_file
-from model.vldeformer import (
-    VLDeformer,
-    VLDeformerConfig,
-    is_vldeformer_config,
-    load_vldeformer_init,
-)
+from model.vldeformer import load_vldeformer_init
 from utils.errors import MissingPathError
-from utils.region_features import NUM_LABELS
 
 __all__ = [
     "BIENCODER_FORMAT",
     "CROSS_ENCODER_FORMAT",
     "PRETRAIN_FORMAT",
     "CheckpointError",
-    "build_biencoder_from_checkpoint",
+    "biencoder_state",
     "build_cross_encoder_from_checkpoint",
-    "build_pretrain_model_from_checkpoint",
     "initialise_biencoder",
     "load_biencoder_weights",
     "load_cross_encoder_weights",
@@ -66,12 +61,6 @@ __all__ = [
     "make_checkpoint",
     "read_checkpoint",
 ]
-
-BIENCODER_FORMAT = "lightningdot-biencoder"
-PRETRAIN_FORMAT = "lightningdot-pretrain"
-CROSS_ENCODER_FORMAT = "lightningdot-cross-encoder"
-OUR_FORMATS = (BIENCODER_FORMAT, PRETRAIN_FORMAT, CROSS_ENCODER_FORMAT)
-FORMAT_VERSION = 1
 
 # Heads of the original pre-training models (LightningDOT and UNITER); `itm_output` is
 # never used by LightningDOT pre-training.
@@ -102,42 +91,37 @@ def detect_format(obj: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------- our own format
 
 
+class Checkpointable(Protocol):
+    """What a model offers to be stored in our format: a bi-encoder of any family
+    (`RetrievalModel`), the pre-training model or the cross-encoder (not a DDP wrapper)."""
+
+    checkpoint_format: str
+
+    def checkpoint_config(self) -> dict[str, Any]: ...
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]: ...
+
+
 def make_checkpoint(
-    model: BiEncoder | VLDeformer | PretrainModel | UniterCrossEncoder,
+    model: Checkpointable,
     run_config: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The checkpoint dict of `model` in our format (pass it to your own atomic writer).
 
     Args:
-        model: a bi-encoder (either family: a VLDeformer is stored in the bi-encoder format,
-            its config's `model_type` telling the two apart), pre-training model or
-            cross-encoder (not a DDP wrapper).
+        model: the model (its format, config and weights say what is stored; a bi-encoder of
+            any family is stored in the bi-encoder format, its config telling the families
+            apart).
         run_config: the run configuration as a plain dict (stored as given).
         extra: anything else to store (plain Python values and tensors), e.g. the step.
     """
-    if isinstance(model, PretrainModel):
-        fmt = PRETRAIN_FORMAT
-        model_config: dict[str, Any] = model.bert.config.to_dict()
-        model_config["pretrain"] = {
-            "img_label_dim": model.region_classifier.net[-1].out_features,
-            "mask_duplicates": model.mask_duplicates,
-        }
-    elif isinstance(model, (BiEncoder, VLDeformer)):
-        fmt = BIENCODER_FORMAT
-        model_config = model.config.to_dict()
-    elif isinstance(model, UniterCrossEncoder):
-        fmt = CROSS_ENCODER_FORMAT
-        model.tie_rank_output()
-        model_config = model.config.to_dict()
-    else:
-        raise TypeError(f"cannot checkpoint a {type(model).__name__}; unwrap DDP with .module")
     return {
-        "format": fmt,
+        "format": model.checkpoint_format,
         "format_version": FORMAT_VERSION,
-        "model_config": model_config,
+        "model_config": model.checkpoint_config(),
         "run_config": dict(run_config or {}),
-        "model": model.state_dict(),
+        "model": model.checkpoint_state(),
         "extra": dict(extra or {}),
     }
 
@@ -168,51 +152,6 @@ def _check_ours(obj: dict[str, Any], path: PathLike) -> dict[str, Any]:
     return obj
 
 
-def _biencoder_config(obj: Mapping[str, Any]) -> BiEncoderConfig:
-    data = {k: v for k, v in obj["model_config"].items() if k != "pretrain"}
-    return BiEncoderConfig.from_dict(data)
-
-
-def build_biencoder_from_checkpoint(path: PathLike) -> BiEncoder | VLDeformer:
-    """Rebuild a bi-encoder (LightningDOT or VLDeformer, as its stored config says) from one
-    of our bi-encoder or pre-training checkpoints alone."""
-    obj = read_checkpoint(path)
-    if obj["format"] == CROSS_ENCODER_FORMAT:
-        raise CheckpointError(f"{path} holds a cross-encoder, not a bi-encoder")
-    if is_vldeformer_config(obj["model_config"]):
-        vld = VLDeformer(VLDeformerConfig.from_dict(obj["model_config"]))
-        load_strict(vld, obj["model"], path, "VLDeformer bi-encoder")
-        return vld
-    model = BiEncoder(_biencoder_config(obj))
-    state = obj["model"]
-    if obj["format"] == PRETRAIN_FORMAT:
-        state = _biencoder_part_of_pretrain(state, path)
-    load_strict(model, state, path, "bi-encoder")
-    return model
-
-
-def build_pretrain_model_from_checkpoint(path: PathLike) -> PretrainModel:
-    """Rebuild a pre-training model (bi-encoder + heads) from one of our checkpoints.
-
-    A bi-encoder checkpoint gives fresh heads on the stored bi-encoder.
-    """
-    obj = read_checkpoint(path)
-    if obj["format"] == CROSS_ENCODER_FORMAT:
-        raise CheckpointError(f"{path} holds a cross-encoder, not a pre-training model")
-    heads = obj["model_config"].get("pretrain", {})
-    biencoder = BiEncoder(_biencoder_config(obj))
-    model = PretrainModel(
-        biencoder,
-        img_label_dim=heads.get("img_label_dim", NUM_LABELS),
-        mask_duplicates=heads.get("mask_duplicates", True),
-    )
-    if obj["format"] == PRETRAIN_FORMAT:
-        load_strict(model, obj["model"], path, "pre-training model")
-    else:
-        load_strict(biencoder, obj["model"], path, "bi-encoder")
-    return model
-
-
 def build_cross_encoder_from_checkpoint(path: PathLike) -> UniterCrossEncoder:
     """Rebuild a UNITER cross-encoder from one of our cross-encoder checkpoints alone."""
     obj = read_checkpoint(path)
@@ -238,21 +177,20 @@ def _biencoder_part_of_pretrain(state: Mapping[str, torch.Tensor], path: PathLik
     return select_prefix(state, "bert.")
 
 
-def load_biencoder_weights(model: BiEncoder, path: PathLike) -> None:
-    """Load bi-encoder weights from any supported file into `model`.
+def biencoder_state(obj: Mapping[str, Any], path: PathLike) -> tuple[dict[str, torch.Tensor], str]:
+    """The bi-encoder weights of a loaded file (`read_weights` output) and its format.
 
-    Accepts the original fine-tuned format (`model_dict`), the original pre-training
-    `model_step_N.pt` (its `bert.` part), a raw bi-encoder state dict, and our bi-encoder
-    or pre-training checkpoints.
+    Accepts our bi-encoder and pre-training checkpoints, the original fine-tuned format
+    (`model_dict`), the original pre-training `model_step_N.pt` (its `bert.` part) and a raw
+    bi-encoder state dict.
 
     Raises:
-        CheckpointError: keys or shapes do not match (the message names the file; a
-            hierarchy mismatch names the level heads, see `check_level_heads`).
+        CheckpointError: a cross-encoder checkpoint, or stray keys beside a pre-training
+            model's known heads.
     """
-    obj = read_weights(path)
     fmt = detect_format(obj)
     if fmt in OUR_FORMATS:
-        obj = _check_ours(obj, path)
+        obj = _check_ours(dict(obj), path)
         if fmt == CROSS_ENCODER_FORMAT:
             raise CheckpointError(f"{path} holds a cross-encoder, not a bi-encoder")
         state = obj["model"]
@@ -263,26 +201,59 @@ def load_biencoder_weights(model: BiEncoder, path: PathLike) -> None:
     elif fmt == "original-pretrain":
         state = _biencoder_part_of_pretrain(obj, path)
     else:
-        state = obj
+        state = dict(obj)
+    return state, fmt
+
+
+def load_biencoder_weights(model: RetrievalModel, path: PathLike) -> None:
+    """Load bi-encoder weights from any file `biencoder_state` accepts into `model`.
+
+    Raises:
+        CheckpointError: keys or shapes do not match (the message names the file; a
+            hierarchy mismatch names the level heads, see `check_level_heads`).
+    """
+    state, _ = biencoder_state(read_weights(path), path)
     check_level_heads(model, state, path, "bi-encoder")
     load_strict(model, rename_gamma_beta(state), path, "bi-encoder")
 
 
-def load_pretrain_weights(model: PretrainModel, path: PathLike) -> None:
-    """Load an original `model_step_N.pt` (or our pre-training checkpoint) into `model`.
+def load_pretrain_weights(model: torch.nn.Module, path: PathLike, *, heads_optional: bool = False) -> bool:
+    """Load an original `model_step_N.pt` (or our pre-training checkpoint) into `model`, the
+    pre-training model (`bert.*` plus its heads), strictly, as the original `pretrain.py` does.
 
     The original's unused `itm_output.*` head is dropped; every other key must match.
+
+    Args:
+        model: the pre-training model.
+        path: the checkpoint file.
+        heads_optional: also accept a file without pre-training heads (a bi-encoder in any
+            format `biencoder_state` reads): it fills `model.bert` only.
+
+    Returns:
+        Whether the file carried the model's heads (False: only the bi-encoder was loaded).
+
+    Raises:
+        CheckpointError: another of our formats, a bi-encoder file without `heads_optional`,
+            or keys / shapes that do not match.
     """
     obj = read_weights(path)
-    if detect_format(obj) in OUR_FORMATS:
-        obj = _check_ours(obj, path)
-        if obj["format"] != PRETRAIN_FORMAT:
-            raise CheckpointError(f"{path} holds a {obj['format']} checkpoint, not a pre-training one")
-        state = obj["model"]
+    fmt = detect_format(obj)
+    if fmt in OUR_FORMATS and fmt != PRETRAIN_FORMAT and not heads_optional:
+        raise CheckpointError(f"{path} holds a {fmt} checkpoint, not a pre-training one")
+    if fmt == PRETRAIN_FORMAT:
+        state = _check_ours(obj, path)["model"]
+    elif fmt in OUR_FORMATS or fmt == "original-biencoder":
+        state = {}
     else:
         state = drop_prefixes(rename_gamma_beta(obj), ("itm_output.",))
+    if heads_optional and not any(k.startswith(PRETRAIN_HEAD_PREFIXES) for k in state):
+        bert_state, _ = biencoder_state(obj, path)
+        check_level_heads(model.bert, bert_state, path, "bi-encoder")
+        load_strict(model.bert, rename_gamma_beta(bert_state), path, "bi-encoder")
+        return False
     check_level_heads(model, state, path, "pre-training model")
     load_strict(model, state, path, "pre-training model")
+    return True
 
 
 def _uniter_body(state: Mapping[str, torch.Tensor], path: PathLike) -> dict[str, torch.Tensor]:
@@ -332,7 +303,7 @@ def load_cross_encoder_weights(
     model.tie_rank_output()
 
 
-def load_vldeformer_init_file(model: VLDeformer, path: PathLike) -> dict[str, list[str]]:
+def load_vldeformer_init_file(model: RetrievalModel, path: PathLike) -> dict[str, list[str]]:
     """Decompose a cross-encoder: fill `model`'s UNITER body from an original UNITER file
     (`uniter.*`, `gamma`/`beta` names allowed) or our cross-encoder checkpoint.
 
@@ -351,15 +322,14 @@ def load_vldeformer_init_file(model: VLDeformer, path: PathLike) -> dict[str, li
     return load_vldeformer_init(model, obj, path)
 
 
-def load_text_tower_weights(target: BiEncoder | TextTower, path: PathLike) -> None:
-    """Initialise the text tower from BERT weights (e.g. `bert-base-cased.pt`).
+def load_text_tower_weights(tower: TextTower, path: PathLike) -> None:
+    """Initialise a text tower from BERT weights (e.g. `bert-base-cased.pt`).
 
     Args:
-        target: a bi-encoder (its `txt_model`) or a text tower.
+        tower: the text tower (a bi-encoder's `txt_model`).
         path: a local HF model directory or a state-dict file (`BertModel` or `BertFor*`
             keys, with or without the `bert.` prefix, `position_ids` optional).
     """
-    tower = target.txt_model if isinstance(target, BiEncoder) else target
     weights = hf_weights_file(path)
     if weights is None and os.path.isdir(path):
         raise MissingPathError(f"{path} is a directory without model.safetensors / pytorch_model.bin")
@@ -367,13 +337,12 @@ def load_text_tower_weights(target: BiEncoder | TextTower, path: PathLike) -> No
     load_text_tower_state(tower, read_weights(source), str(source))
 
 
-def load_image_tower_from_uniter(target: BiEncoder | ImageTower, path: PathLike) -> None:
-    """Initialise the image tower's UNITER body from UNITER weights (the paper's init).
+def load_image_tower_from_uniter(tower: ImageTower, path: PathLike) -> None:
+    """Initialise an image tower's UNITER body from UNITER weights (the paper's init).
 
     The UNITER pre-training / ITM heads in the file are ignored; `encode_proj` keeps its
     initialisation (UNITER has none).
     """
-    tower = target.img_model if isinstance(target, BiEncoder) else target
     state = _uniter_body(read_weights(path), path)
     strays = [k for k in state if not k.startswith(("uniter.",) + UNITER_HEAD_PREFIXES)]
     if strays:
@@ -396,8 +365,8 @@ def initialise_biencoder(
         biencoder_checkpoint: a whole bi-encoder (fine-tuned, pre-trained or ours).
     """
     if txt_checkpoint:
-        load_text_tower_weights(model, txt_checkpoint)
+        load_text_tower_weights(model.txt_model, txt_checkpoint)
     if img_checkpoint:
-        load_image_tower_from_uniter(model, img_checkpoint)
+        load_image_tower_from_uniter(model.img_model, img_checkpoint)
     if biencoder_checkpoint:
         load_biencoder_weights(model, biencoder_checkpoint)

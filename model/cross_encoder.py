@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.formats import CROSS_ENCODER_FORMAT
 from model.losses import hinge_ranking_loss, softmax_ranking_loss
 from model.packed import DEFAULT_EXECUTION, check_execution, packable
 from model.towers import (
@@ -78,6 +79,8 @@ class CrossEncoderConfig:
 class UniterCrossEncoder(nn.Module):
     """Scores (caption, image) pairs jointly: `[CLS] ids [SEP]` + regions through UNITER."""
 
+    checkpoint_format = CROSS_ENCODER_FORMAT
+
     def __init__(self, config: CrossEncoderConfig) -> None:
         super().__init__()
         self.config = config
@@ -100,6 +103,15 @@ class UniterCrossEncoder(nn.Module):
     @execution.setter
     def execution(self, execution: str) -> None:
         self.config.execution = check_execution(execution)
+
+    def checkpoint_config(self) -> dict[str, Any]:
+        """The model config stored in our checkpoints."""
+        return self.config.to_dict()
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """The weights stored in our checkpoints, `rank_output` re-tied first."""
+        self.tie_rank_output()
+        return self.state_dict()
 
     @torch.no_grad()
     def tie_rank_output(self) -> None:
@@ -197,6 +209,11 @@ def _rows(x: torch.Tensor, chunk: slice) -> torch.Tensor:
     return x[chunk]
 
 
+def cross_encoder_from_config(config: CrossEncoderConfig) -> UniterCrossEncoder:
+    """A randomly initialised cross-encoder of `config` (weights: model/checkpoint.py)."""
+    return cross_encoder_from_config(config)
+
+
 def build_cross_encoder(
     model_config: str,
     dropout: float | None = None,
@@ -223,4 +240,4 @@ def build_cross_encoder(
         attn_implementation=attn_implementation,
         execution=execution,
     )
-    return UniterCrossEncoder(config)
+    return cross_encoder_from_config(config)

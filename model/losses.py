@@ -1,4 +1,7 @@
-"""Every loss of the project: contrastive (CMR / fine-tuning), VMLM, MRFR, MRC-kl, ranking.
+"""The shared losses: contrastive (CMR and fine-tuning of every family) and ranking (cross-encoder).
+
+The pre-training tasks' own losses (VMLM, MRFR, MRC-kl) live with their tasks
+(`utils/pipeline/pretrain_tasks/`).
 
 The contrastive loss gathers embeddings from all ranks with gradient, so negatives are global
 under DDP / Horovod (the original only used local negatives when fine-tuning on many GPUs).
@@ -178,30 +181,6 @@ def hierarchical_contrastive_loss(
         n_correct_i2t=full.n_correct_i2t,
         n_pos=full.n_pos,
     )
-
-
-def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Masked-token cross-entropy, a plain mean over the masked tokens.
-
-    Args:
-        logits: (M, V) scores of the masked positions (or (..., V) with -100 labels elsewhere).
-        labels: (M,) target ids (or (...) with -100 where not masked).
-    """
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-
-
-def mrfr_loss(pred_feat: torch.Tensor, target_feat: torch.Tensor) -> torch.Tensor:
-    """Masked region feature regression: MSE, a plain mean over all elements."""
-    return F.mse_loss(pred_feat.float(), target_feat.float())
-
-
-def mrckl_loss(logits: torch.Tensor, soft_labels: torch.Tensor) -> torch.Tensor:
-    """Masked region classification, KL(soft_labels || softmax(logits)).
-
-    As in the original, a plain mean over every element, i.e. also over the 1601 classes.
-    """
-    log_probs = F.log_softmax(logits.float(), dim=-1)
-    return F.kl_div(log_probs, soft_labels.float(), reduction="none").mean()
 
 
 def hinge_ranking_loss(

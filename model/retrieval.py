@@ -28,6 +28,8 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
+from model.formats import BIENCODER_FORMAT
+
 # Per-token last-layer states of both sides plus the weights the pre-training heads tie to
 # (`TokenStates` below): what VMLM and SMRM need beyond the embeddings.
 TOKEN_STATES = "token_states"
@@ -47,7 +49,7 @@ class RetrievalModel(nn.Module, abc.ABC):
     # The family's name (`model.type` of a run config; `model/families.py`).
     family: ClassVar[str]
     # Our checkpoint format this model is stored in (`model/checkpoint.py`).
-    checkpoint_format: ClassVar[str] = "lightningdot-biencoder"
+    checkpoint_format: ClassVar[str] = BIENCODER_FORMAT
     # Optional interfaces this family implements besides retrieval (e.g. `TOKEN_STATES`).
     capabilities: ClassVar[frozenset[str]] = frozenset()
     config: StoredConfig
@@ -96,6 +98,10 @@ class RetrievalModel(nn.Module, abc.ABC):
     def checkpoint_config(self) -> dict[str, Any]:
         """The model config stored in our checkpoints (enough to rebuild the model)."""
         return self.config.to_dict()
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """The weights stored in our checkpoints."""
+        return self.state_dict()
 
     # ------------------------------------------------------------ encoding
 

@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from model.packed import DEFAULT_EXECUTION, check_execution, encoder_packed, packable
 from model.retrieval import RetrievalModel

@@ -14,7 +14,8 @@ import math
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from utils.config import ConfigError, TrainConfig
+from utils.config import TrainConfig
+from utils.errors import ConfigError
 
 DECAYS = ("linear", "constant", "cosine")
 

@@ -318,13 +318,14 @@ def bert_config(s: Sizes) -> dict[str, Any]:
 
 
 def build_pretrain_model(ctx: Context) -> torch.nn.Module:
-    from model.biencoder import BiEncoder, BiEncoderConfig
-    from model.pretrain_heads import PretrainModel
+    from model.biencoder import BiEncoderConfig
+    from model.families import LIGHTNINGDOT
+    from utils.pipeline.pretrain_tasks import pretrain_model
 
     torch.manual_seed(ctx.seed)
     cfg = bert_config(ctx.sizes)
-    biencoder = BiEncoder(BiEncoderConfig(cfg, dict(cfg), project_dim=ctx.sizes.project_dim, cls_concat="add"))
-    return PretrainModel(biencoder).to(ctx.device)
+    biencoder = LIGHTNINGDOT.build(BiEncoderConfig(cfg, dict(cfg), project_dim=ctx.sizes.project_dim, cls_concat="add"))
+    return pretrain_model(biencoder).to(ctx.device)
 
 
 def make_optimizer(model: torch.nn.Module, fused: bool) -> torch.optim.Optimizer:
@@ -806,13 +807,13 @@ def section_cascade(ctx: Context) -> None:
 
 def section_cross(ctx: Context) -> None:
     """Cross-encoder (UNITER) scoring throughput, padded vs packed execution."""
-    from model.cross_encoder import CrossEncoderConfig, UniterCrossEncoder
+    from model.cross_encoder import CrossEncoderConfig, cross_encoder_from_config
     from model.packed import use_execution
     from utils.pipeline.bench_batches import batch_to, retrieval_batch
 
     s = ctx.sizes
     torch.manual_seed(ctx.seed)
-    model = UniterCrossEncoder(CrossEncoderConfig(bert_config(s))).to(ctx.device).eval()
+    model = cross_encoder_from_config(CrossEncoderConfig(bert_config(s))).to(ctx.device).eval()
     batch = batch_to(retrieval_batch(s.cross_batch, s.vocab, s.num_bb, np.random.default_rng(ctx.seed + 4),
                                      s.img_dim, s.max_txt_len), ctx.device)
     args = (batch["txt"]["input_ids"], batch["txt"]["attention_mask"], batch["img"]["img_feat"],

@@ -38,8 +38,8 @@ from data.datasets import (
     image_eval_collate,
     text_eval_collate,
 )
-from utils.config import ConfigError, RunConfig, add_config_args, config_from_args
-from utils.errors import run_cli
+from utils.config import RunConfig, add_config_args
+from utils.errors import ConfigError, run_cli
 from utils.files import atomic_write_json
 from utils.pipeline.evaluation import caption_image_indices, embed_batch
 from utils.pipeline.reranking import (
@@ -53,6 +53,7 @@ from utils.pipeline.retrieval_dir import (
     pick_precision,
     resolve_split,
 )
+from utils.pipeline.run_config import run_config_from_args
 from utils.search.metrics import recall_from_scores
 
 logger = logging.getLogger("compare_systems")
@@ -175,7 +176,7 @@ def format_table(rows: dict[str, dict[str, Any]], num_images: int, num_captions:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Compare the systems given; returns the table as a dict (also printed / written)."""
     args = parse_args(argv)
-    cfg = config_from_args(args)
+    cfg = run_config_from_args(args)
     systems = {"lightningdot": args.lightningdot, "vldeformer": args.vldeformer,
                "cross_encoder_all_pairs": args.cross_encoder}
     if not any(systems.values()):

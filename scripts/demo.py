@@ -412,7 +412,7 @@ def run(run_dir: Path, preset: Preset, fresh: bool, examples: bool = True) -> di
     with demo.timed("vldeformer"):
         vldeformer_ckpt = demo.finetune(
             "vldeformer", "vldeformer.yaml",
-            [f"model.uniter_checkpoint={reranker}", f"train.bimodal_negatives.vocab={demo.data_dir / OBJECT_VOCAB}"],
+            [f"model.uniter_checkpoint={reranker}", f"data.bimodal_negatives.vocab={demo.data_dir / OBJECT_VOCAB}"],
             "VLDeformer: decompose the cross-encoder, fine-tune with bi-modal negatives",
             length=f"num_train_steps={preset.vldeformer_steps}",
         )

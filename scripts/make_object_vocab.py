@@ -8,7 +8,7 @@
 run's tokenizer (a local HF directory, as `model.tokenizer` / `txt_model_config`); names that
 become one word piece are written (`ID object  # name`), in one group, since a replacement keeps
 the caption's length. Multi-piece names (e.g. "traffic light") are counted and skipped. The
-file is `train.bimodal_negatives.vocab` (data/composed_negatives.py).
+file is `data.bimodal_negatives.vocab` (data/composed_negatives.py).
 """
 from __future__ import annotations
 

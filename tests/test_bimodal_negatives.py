@@ -12,7 +12,6 @@ import torch
 
 import train_itm
 from data.composed_negatives import (
-    BimodalNegatives,
     composed_caption_id,
     composed_image_name,
     is_composed,
@@ -28,9 +27,9 @@ from data.txt_db import TxtDb
 from model.losses import contrastive_loss
 from tests.helpers import first_epoch_rank_batches, itm_config, write_config
 from tests.test_distributed_training import PER_RANK_BATCH, WORLD, _torchrun
-from utils.config import ConfigError, DataConfig, load_config
+from utils.config import BimodalNegatives, DataConfig, load_config
 from utils.engine.training import read_metrics
-from utils.errors import DataError
+from utils.errors import ConfigError, DataError
 from utils.pipeline.evaluation import open_img_db
 
 GROUPS = [[10, 11, 12, 13], [20, 21]]
@@ -93,19 +92,19 @@ def test_region_mix_keeps_the_box_count_and_the_rows(n, m):
 
 
 def test_config_spec_is_checked():
-    assert BimodalNegatives.from_dict({}) is None
-    assert BimodalNegatives.from_dict({"text": 0, "image": 0}) is None
-    spec = BimodalNegatives.from_dict({"image": 2})
+    assert BimodalNegatives.from_config({}) is None
+    assert BimodalNegatives.from_config({"text": 0, "image": 0}) is None
+    spec = BimodalNegatives.from_config({"image": 2})
     assert (spec.text, spec.image, spec.region_mix) == (0, 2, 0.5)
     for bad, key in (({"text": 1}, "vocab"), ({"image": -1}, "image"), ({"images": 1}, "unknown"),
                      ({"image": 1, "region_mix": 1.0}, "region_mix")):
         with pytest.raises(ConfigError, match=key):
-            BimodalNegatives.from_dict(bad)
+            BimodalNegatives.from_config(bad)
 
 
 def _dataset(data, spec: dict, seed: int = 3) -> RetrievalDataset:
     dataset = RetrievalDataset([TxtDb(data["txt_db"]["train"], 40)], [open_img_db(data["img_db"], DataConfig())])
-    dataset.set_bimodal_negatives(BimodalNegatives.from_dict(spec), seed)
+    dataset.set_bimodal_negatives(BimodalNegatives.from_config(spec), seed)
     return dataset
 
 
@@ -183,7 +182,7 @@ def test_two_gloo_ranks_give_the_loss_of_one_process(tiny_data, tiny_models, tmp
     model = train_itm.build_model(cfg)
     dataset = RetrievalDataset([TxtDb(p, cfg.data.max_txt_len) for p in cfg.data.train_txt_dbs],
                                [open_img_db(p, cfg.data) for p in cfg.data.train_img_dbs])
-    dataset.set_bimodal_negatives(BimodalNegatives.from_dict(cfg.train.bimodal_negatives), cfg.train.seed)
+    dataset.set_bimodal_negatives(cfg.data.bimodal_negatives, cfg.train.seed)
     dataset.set_epoch(0)
     first = [batches[0] for batches in first_epoch_rank_batches(dataset, cfg, WORLD, PER_RANK_BATCH)]
     # One process: rank 0's examples then rank 1's; the positives first, then the negatives

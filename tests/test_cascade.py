@@ -14,12 +14,12 @@ import inference
 import rerank
 from model.biencoder import build_biencoder
 from tests.helpers import PROJECT_DIM, brute_force_recall, randomize_, save_checkpoint
-from utils.config import ConfigError
+from utils.config import CascadeStage, RetrievalConfig
+from utils.errors import ConfigError
 from utils.search.cascade import (
-    CascadeStage,
     cascade_search,
+    check_levels,
     ivf_threshold_topk,
-    parse_cascade,
     rescore_candidates,
     threshold_topk,
 )
@@ -167,12 +167,12 @@ def test_rescoring_skips_empty_slots_and_reads_memmaps(tmp_path, as_memmap):
         assert (ids[row][len(want):] == -1).all() and np.isneginf(scores[row][len(want):]).all()
 
 
-def test_parse_cascade_checks_the_spec():
+def test_the_cascade_spec_is_checked_when_the_config_loads_and_against_the_levels():
     spec = [{"dim": 64, "keep": 1000}, {"dim": 256, "keep": 100}, {"dim": 768, "keep": 20}]
-    assert parse_cascade(spec, top_k=20, level_dims=[64, 256, 768]) == [
-        CascadeStage(64, 1000), CascadeStage(256, 100), CascadeStage(768, 20)
-    ]
-    assert parse_cascade([]) == []
+    stages = RetrievalConfig(cascade=spec, top_k=20).cascade
+    assert stages == [CascadeStage(64, 1000), CascadeStage(256, 100), CascadeStage(768, 20)]
+    check_levels(stages, [64, 256, 768])
+    assert RetrievalConfig(cascade=[]).cascade == []
     bad = [
         ([{"dim": 64}], "keys"),
         ([{"dim": 64, "keep": 0}], "positive"),
@@ -183,7 +183,7 @@ def test_parse_cascade_checks_the_spec():
     ]
     for spec, words in bad:
         with pytest.raises(ConfigError, match=words) as err:
-            parse_cascade(spec, top_k=20, level_dims=[64, 256, 768])
+            check_levels(RetrievalConfig(cascade=spec, top_k=20).cascade, [64, 256, 768])
         assert "retrieval.cascade" in str(err.value)
 
 

@@ -7,9 +7,7 @@ import torch
 from model.biencoder import BiEncoder, BiEncoderConfig
 from model.checkpoint import (
     CheckpointError,
-    build_biencoder_from_checkpoint,
     build_cross_encoder_from_checkpoint,
-    build_pretrain_model_from_checkpoint,
     load_biencoder_weights,
     load_cross_encoder_weights,
     load_image_tower_from_uniter,
@@ -18,9 +16,12 @@ from model.checkpoint import (
     read_checkpoint,
 )
 from model.cross_encoder import CrossEncoderConfig, UniterCrossEncoder
-from model.pretrain_heads import PretrainModel
+from model.families import build_biencoder_from_checkpoint
+from model.pretrain_model import PretrainSettings
 from tests import helpers as ref
 from tests.helpers import TINY_BERT, save_checkpoint, tiny_bert_config
+from utils.pipeline.model_setup import build_pretrain_model_from_checkpoint
+from utils.pipeline.pretrain_tasks import pretrain_model
 
 H, LAYERS, V, IMG_DIM = TINY_BERT["hidden_size"], TINY_BERT["num_hidden_layers"], TINY_BERT["vocab_size"], 2048
 LAYER_KEYS = [
@@ -163,7 +164,7 @@ def test_original_pretrain_checkpoint(tmp_path) -> None:
     load_biencoder_weights(bi, path)
     assert_loaded(bi, {k[len("bert."):]: v for k, v in state.items() if k.startswith("bert.")})
 
-    model = PretrainModel(new_biencoder())
+    model = pretrain_model(new_biencoder())
     load_pretrain_weights(model, path)
     assert_loaded(model, {k: v for k, v in state.items() if not k.startswith("itm_output.")})
     img_bert = model.bert.img_model.bert
@@ -225,7 +226,7 @@ def test_uniter_base_initialises_image_tower(tmp_path) -> None:
     torch.save(raw, path)
     model = new_biencoder()
     proj_before = model.img_model.encode_proj[0].weight.clone()
-    load_image_tower_from_uniter(model, path)
+    load_image_tower_from_uniter(model.img_model, path)
     normalised = uniter_state(seed=4, finetuned=False, gamma_beta=False)
     assert_loaded(
         model.img_model.bert, {k[len("uniter."):]: v for k, v in normalised.items() if k.startswith("uniter.")}
@@ -251,7 +252,7 @@ def test_hf_bert_weights_for_text_tower(tmp_path) -> None:
         want = pretraining.bert(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
     for source in ("prefixed.pt", "bert-base-cased.pt", "hf_dir"):
         model = new_biencoder(0)
-        load_text_tower_weights(model, tmp_path / source)
+        load_text_tower_weights(model.txt_model, tmp_path / source)
         with torch.no_grad():
             torch.testing.assert_close(model.encode_text(ids, mask), want, atol=1e-5, rtol=0, msg=source)
     assert isinstance(pretraining.bert, BertModel)
@@ -302,11 +303,11 @@ def test_our_format_round_trips(tmp_path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.encode_image(feat, pos, img_mask), bi.encode_image(feat, pos, img_mask))
 
-    pre = PretrainModel(new_biencoder(), mask_duplicates=False)
+    pre = pretrain_model(new_biencoder(), PretrainSettings(mask_duplicates=False))
     ref.randomize_(pre, seed=9)
     save_checkpoint(pre, tmp_path / "pre.pt")
     pre2 = build_pretrain_model_from_checkpoint(tmp_path / "pre.pt")
-    assert not pre2.mask_duplicates
+    assert not pre2.settings.mask_duplicates
     assert_loaded(pre2, pre.state_dict())
     assert pre2.cls.predictions.decoder.weight is pre2.bert.img_model.bert.embeddings.word_embeddings.weight
     assert_loaded(build_biencoder_from_checkpoint(tmp_path / "pre.pt"), pre.bert.state_dict())

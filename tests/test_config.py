@@ -11,7 +11,6 @@ import yaml
 from tests.helpers import ORIGINAL_CONFIGS_DIR
 from utils.config import (
     IGNORED_ORIGINAL_KEYS,
-    ConfigError,
     RunConfig,
     config_from_dict,
     config_to_dict,
@@ -20,6 +19,7 @@ from utils.config import (
     require_path,
     save_config,
 )
+from utils.errors import ConfigError
 from utils.original_programs import LIGHTNINGDOT_PRETRAIN
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,7 +157,7 @@ def test_original_aliases(tmp_path):
     cfg = load_config(path)
     assert cfg.train.val_batch_size == 8
     assert cfg.train.grad_norm == 1.5
-    assert cfg.retrieval.index == {"type": "hnsw"}
+    assert cfg.retrieval.index.to_dict() == {"type": "hnsw"}
     assert cfg.train.precision == "fp32"
 
 

@@ -13,14 +13,13 @@ import train_itm
 from model.biencoder import BiEncoder, BiEncoderConfig
 from model.checkpoint import (
     CheckpointError,
-    build_biencoder_from_checkpoint,
     load_biencoder_weights,
     load_pretrain_weights,
     make_checkpoint,
     read_checkpoint,
 )
+from model.families import build_biencoder_from_checkpoint
 from model.losses import contrastive_loss, hierarchical_contrastive_loss
-from model.pretrain_heads import PretrainModel
 from tests.helpers import (
     itm_config,
     pretrain_config,
@@ -31,9 +30,11 @@ from tests.helpers import (
     tiny_bert_config,
     write_config,
 )
-from utils.config import ConfigError, load_config
+from utils.config import load_config
+from utils.errors import ConfigError
 from utils.hierarchy import Hierarchy, HierarchyError
 from utils.pipeline.model_setup import build_biencoder_for_run
+from utils.pipeline.pretrain_tasks import pretrain_model
 
 REPO = Path(__file__).resolve().parents[1]
 BERT = tiny_bert_config(dropout=0.0)
@@ -102,9 +103,9 @@ def test_project_dim_zero_checks_the_hidden_size_at_build(tiny_models):
     # The tiny towers are 32 wide: with no projection the last level must be 32.
     with pytest.raises(ConfigError, match=r"model\.hierarchy\.dims: the last size must be the full embedding size 32"):
         build_biencoder_for_run(cfg.model)
-    cfg.model.hierarchy = {"mode": "heads", "dims": [8, 32]}
+    cfg.model.hierarchy = Hierarchy.from_dict({"mode": "heads", "dims": [8, 32]})
     model = build_biencoder_for_run(cfg.model)
-    assert model.level_dims == [8, 32] and model.config.hierarchy["weights"] == [1.0, 1.0]
+    assert model.level_dims == [8, 32] and model.config.hierarchy.weights == (1.0, 1.0)
 
 
 def test_repo_configs_are_small_overrides_with_the_hierarchy(monkeypatch):
@@ -115,12 +116,12 @@ def test_repo_configs_are_small_overrides_with_the_hierarchy(monkeypatch):
         base = load_config(f"configs/{base_name}.yaml")
         for mode in ("prefix", "heads"):
             cfg = load_config(f"configs/{prefix}{mode}.yaml")
-            assert cfg.model.hierarchy == {"mode": mode, "dims": [64, 256, 768], "weights": [1.0, 1.0, 1.0]}
+            assert cfg.model.hierarchy.to_dict() == {"mode": mode, "dims": [64, 256, 768], "weights": [1.0, 1.0, 1.0]}
             assert (cfg.data, cfg.train) == (base.data, base.train)
             assert cfg.output_dir != base.output_dir
     demo = load_config("configs/demo/finetune_hivlp.yaml")
-    assert demo.model.hierarchy["mode"] == "prefix" and demo.model.hierarchy["dims"][-1] == demo.model.project_dim
-    assert load_config("configs/demo/finetune.yaml").model.hierarchy == {}
+    assert demo.model.hierarchy.mode == "prefix" and demo.model.hierarchy.dims[-1] == demo.model.project_dim
+    assert load_config("configs/demo/finetune.yaml").model.hierarchy is None
 
 
 # ---------------------------------------------------------------- levels
@@ -257,7 +258,7 @@ def test_itm_and_cmr_losses_are_the_weighted_level_losses(spec):
     ]
     want = sum(w * loss.item() for w, loss in zip(spec["weights"], per_level))
     assert train_itm.itm_loss(model, batch, "itm")["loss"].item() == pytest.approx(want, abs=1e-6)
-    cmr = PretrainModel(model)(batch, "itm")
+    cmr = pretrain_model(model)(batch, "itm")
     assert cmr["loss"].item() == pytest.approx(want, abs=1e-6)
     assert cmr["n_pos"].item() == 3
 
@@ -379,10 +380,10 @@ def test_flat_and_heads_checkpoints_do_not_mix(tmp_path):
     flat_sd = make_model(None).state_dict()
     assert all(torch.equal(v, flat_sd[k]) for k, v in prefix.state_dict().items())
     # Pre-training checkpoints: the keys sit under `bert.`.
-    save_checkpoint(PretrainModel(make_model(None)), tmp_path / "pre_flat.pt")
+    save_checkpoint(pretrain_model(make_model(None)), tmp_path / "pre_flat.pt")
     with pytest.raises(CheckpointError, match=r"missing bert\.img_model\.level_proj\.0\.bias"):
-        load_pretrain_weights(PretrainModel(make_model(HEADS)), tmp_path / "pre_flat.pt")
-    save_checkpoint(PretrainModel(make_model(HEADS)), tmp_path / "pre_heads.pt")
+        load_pretrain_weights(pretrain_model(make_model(HEADS)), tmp_path / "pre_flat.pt")
+    save_checkpoint(pretrain_model(make_model(HEADS)), tmp_path / "pre_heads.pt")
     load_biencoder_weights(make_model(HEADS), tmp_path / "pre_heads.pt")
 
 

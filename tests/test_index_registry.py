@@ -34,14 +34,13 @@ def test_spec_from_config_builds_the_configured_index(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("retrieval:\n  index: {type: hnsw, m: 8}\n")
     cfg = load_config(path, ["retrieval.index.ef_search=64"])
-    assert cfg.retrieval.index == {"type": "hnsw", "m": 8, "ef_search": 64}
-    kind, params = split_index_spec(cfg.retrieval.index)
-    index = build_index(kind, 16, **params)
+    assert cfg.retrieval.index.to_dict() == {"type": "hnsw", "m": 8, "ef_search": 64}
+    index = build_index(cfg.retrieval.index.type, 16, **cfg.retrieval.index.params)
     assert isinstance(index, HNSWIndex) and index._index.hnsw.efSearch == 64
     # The graph's M: level-0 neighbour lists hold 2 * M entries.
     assert index._index.hnsw.nb_neighbors(0) == 16
     # Our earlier flat spelling still selects the type.
-    assert load_config(path, ["index_type=flat"]).retrieval.index == {"type": "flat"}
+    assert load_config(path, ["index_type=flat"]).retrieval.index.to_dict() == {"type": "flat"}
 
 
 def test_bad_spec_names_the_type_and_the_parameter():

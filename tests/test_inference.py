@@ -12,7 +12,7 @@ import inference
 from model.state_dicts import CheckpointError
 from tests.helpers import ORIGINAL_CONFIGS_DIR, Workspace, brute_force_recall
 from tests.helpers import assert_same as assert_same_recall
-from utils.config import ConfigError
+from utils.errors import ConfigError
 from utils.search.indexes import FlatIndex, HNSWIndex, IVFPQIndex, load_index
 from utils.search.metrics import fold_recall_from_scores
 

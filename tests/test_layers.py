@@ -1,4 +1,4 @@
-"""The floors of the library (docs/architecture.md), read from the imports with `ast`.
+"""The floors of the library and the model contract (docs/architecture.md), read with `ast`.
 
 leaf      utils/*.py                        imports nothing of the project but the leaf
 search    utils/search/                     leaf
@@ -9,6 +9,10 @@ entry     pretrain.py train_itm.py inference.py rerank.py: the library, never an
 scripts   scripts/*.py                      the library; the demo driver may call entry points
 
 Function-local imports count as imports. Module-level imports form no cycle.
+
+Outside model/, code reaches a model only through the contract (`model/retrieval.py`) and the
+builders and registries of model/: it imports no concrete model class (an `nn.Module` defined
+in model/) and branches on no object's class.
 """
 from __future__ import annotations
 
@@ -188,3 +192,113 @@ def test_imports_are_read_from_a_module_tree(tmp_path):
     assert imports_of(tmp_path / "m.py", modules) == {"pkg.sub"}
     (tmp_path / "n.py").write_text("def f():\n    import pkg\n")
     assert imports_of(tmp_path / "n.py", modules, top_level_only=True) == set()
+
+
+# ---------------------------------------------------------------- the model contract
+
+# The contract's own module: its abstract classes are the interface code outside model/ uses.
+CONTRACT_MODULES = ("model.retrieval",)
+MODULE_BASES = {"Module", "nn.Module", "torch.nn.Module"}
+
+
+def _dotted(node: ast.AST) -> str | None:
+    """`a.b.c` of a Name / Attribute chain, None for anything else."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        return ".".join([node.id, *reversed(parts)])
+    return None
+
+
+def model_classes(modules: Mapping[str, Path]) -> set[str]:
+    """`module.Class` of every concrete model class: an `nn.Module` subclass defined in model/
+    (outside the contract module), directly or through another such class."""
+    defined: dict[str, list[str]] = {}
+    for name, path in modules.items():
+        if layer_of(name) != "model" or name in CONTRACT_MODULES:
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef):
+                defined[f"{name}.{node.name}"] = [_dotted(b) or "" for b in node.bases]
+    short = {qual.rpartition(".")[2]: qual for qual in defined}
+    found: set[str] = set()
+    changed = True
+    while changed:
+        changed = False
+        for qual, bases in defined.items():
+            if qual in found:
+                continue
+            if any(b in MODULE_BASES or b.rpartition(".")[2] in {"RetrievalModel"}
+                   or short.get(b.rpartition(".")[2]) in found for b in bases):
+                found.add(qual)
+                changed = True
+    return found
+
+
+def model_class_uses(tree: ast.AST, classes: set[str]) -> list[str]:
+    """What in a module reaches a concrete model class or branches on a class: imports of
+    one, isinstance / issubclass against one, and comparisons of `type(x)` / `x.__class__`."""
+    names = {qual.rpartition(".")[2]: qual for qual in classes}
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            bad += [f"imports {node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in classes]
+        elif isinstance(node, ast.Attribute) and _dotted(node) in classes:
+            bad.append(f"uses {_dotted(node)}")
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id in ("isinstance", "issubclass") and len(node.args) == 2):
+            targets = node.args[1].elts if isinstance(node.args[1], ast.Tuple) else [node.args[1]]
+            for target in targets:
+                dotted = _dotted(target) or ""
+                if dotted in classes or names.get(dotted) in classes:
+                    bad.append(f"{node.func.id}(..., {dotted})")
+        elif isinstance(node, ast.Compare):
+            for side in [node.left, *node.comparators]:
+                inner = side.value if isinstance(side, ast.Attribute) and side.attr == "__name__" else side
+                # `type(None)` is NoneType, not a branch on some object's class.
+                is_type_call = (isinstance(inner, ast.Call) and isinstance(inner.func, ast.Name)
+                                and inner.func.id == "type"
+                                and not (len(inner.args) == 1 and isinstance(inner.args[0], ast.Constant)
+                                         and inner.args[0].value is None))
+                if is_type_call or (isinstance(inner, ast.Attribute) and inner.attr == "__class__"):
+                    bad.append(f"compares a class (line {node.lineno})")
+    return bad
+
+
+def contract_violations(modules: Mapping[str, Path]) -> list[str]:
+    """`module: what` for every module outside model/ that reaches past the model contract."""
+    classes = model_classes(modules)
+    out = []
+    for name, path in modules.items():
+        if layer_of(name) == "model":
+            continue
+        out += [f"{name}: {what}" for what in model_class_uses(ast.parse(path.read_text()), classes)]
+    return sorted(out)
+
+
+def test_code_outside_model_uses_only_the_contract():
+    modules = project_modules()
+    classes = model_classes(modules)
+    # The families, towers, heads and the cross-encoder are all found.
+    assert {"model.biencoder.BiEncoder", "model.vldeformer.VLDeformer", "model.cross_encoder.UniterCrossEncoder",
+            "model.pretrain_model.PretrainModel", "model.towers.TextTower"} <= classes
+    assert not any(qual.startswith("model.retrieval.") for qual in classes)
+    assert contract_violations(modules) == []
+
+
+@pytest.mark.parametrize(
+    ("source", "found"),
+    [
+        ("from model.biencoder import BiEncoder\n", ["imports model.biencoder.BiEncoder"]),
+        ("import model.vldeformer\nm = model.vldeformer.VLDeformer\n", ["uses model.vldeformer.VLDeformer"]),
+        ("def f(m, BiEncoder):\n    return isinstance(m, (int, BiEncoder))\n", ["isinstance(..., BiEncoder)"]),
+        ("def f(m):\n    return type(m).__name__ == 'VLDeformer'\n", ["compares a class (line 2)"]),
+        ("def f(m, c):\n    return m.__class__ is c\n", ["compares a class (line 2)"]),
+        ("from model.retrieval import RetrievalModel\nfrom model.biencoder import build_biencoder\n", []),
+    ],
+)
+def test_a_reach_past_the_contract_is_reported(source, found):
+    classes = {"model.biencoder.BiEncoder", "model.vldeformer.VLDeformer"}
+    assert model_class_uses(ast.parse(source), classes) == found

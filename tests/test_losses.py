@@ -7,15 +7,10 @@ import os
 import pytest
 import torch
 
-from model.losses import (
-    contrastive_loss,
-    hinge_ranking_loss,
-    mlm_loss,
-    mrckl_loss,
-    mrfr_loss,
-    softmax_ranking_loss,
-)
+from model.losses import contrastive_loss, hinge_ranking_loss, softmax_ranking_loss
 from tests.helpers import spawn_gloo
+from utils.pipeline.pretrain_tasks.smrm import mrckl_loss, mrfr_loss
+from utils.pipeline.pretrain_tasks.vmlm import mlm_loss
 
 # S = TXT @ IMG.T = [[1, 0, 1], [0, 2, -1], [1, 2, 0]]
 TXT = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])

@@ -19,8 +19,9 @@ from data.img_db import ImgDb
 from data.txt_db import TxtDb
 from model.biencoder import BiEncoder, BiEncoderConfig
 from tests.helpers import randomize_, tiny_bert_config
-from utils.config import ConfigError, DataConfig, TrainConfig
+from utils.config import DataConfig, TrainConfig
 from utils.distributed import DistEnv
+from utils.errors import ConfigError
 from utils.pipeline import evaluation
 from utils.pipeline.evaluation import (
     EvalSplit,

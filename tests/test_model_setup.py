@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from model.biencoder import BiEncoder, BiEncoderConfig
-from model.pretrain_heads import PretrainModel
+from model.pretrain_model import PretrainModel
 from tests.helpers import randomize_, save_checkpoint, tiny_bert_config
 from utils.config import ModelConfig
 from utils.errors import MissingPathError
@@ -24,6 +24,7 @@ from utils.pipeline.model_setup import (
     build_pretrain_model_for_run,
     check_model_paths,
 )
+from utils.pipeline.pretrain_tasks import pretrain_model
 
 VOCAB = 211
 TXT = tiny_bert_config(VOCAB, num_hidden_layers=2, intermediate_size=64)
@@ -191,7 +192,7 @@ def test_biencoder_checkpoint_is_applied_after_the_tower_checkpoints(configs, tm
 
 
 def test_pretrain_checkpoint_sets_the_heads_too(configs, tmp_path) -> None:
-    source = PretrainModel(other_biencoder(seed=6))
+    source = pretrain_model(other_biencoder(seed=6))
     randomize_(source, seed=7)
     state = source.state_dict()
     # The original `model_step_N.pt` layout: the pre-training model's keys plus an unused ITM head.

@@ -10,12 +10,9 @@ import pytest
 import torch
 
 from model.biencoder import BiEncoder, BiEncoderConfig
-from model.checkpoint import (
-    build_biencoder_from_checkpoint,
-    build_cross_encoder_from_checkpoint,
-    make_checkpoint,
-)
+from model.checkpoint import build_cross_encoder_from_checkpoint, make_checkpoint
 from model.cross_encoder import CrossEncoderConfig, UniterCrossEncoder
+from model.families import build_biencoder_from_checkpoint
 from model.packed import (
     DEFAULT_EXECUTION,
     FixedShapeEncoder,
@@ -24,9 +21,9 @@ from model.packed import (
     varlen_attention,
     varlen_layout,
 )
-from model.pretrain_heads import PretrainModel
 from tests.helpers import tiny_bert_config
 from utils.pipeline.bench_batches import task_batch
+from utils.pipeline.pretrain_tasks import pretrain_model
 
 ATOL = 1e-5
 # Larger than the other tests' tower: three layers and four heads exercise more of the packing.
@@ -233,7 +230,7 @@ def test_fixed_shape_encoder_pads_rows_and_length() -> None:
 @pytest.mark.parametrize("task", ["itm", "mlm", "mrfr", "mrckl"])
 def test_packed_pretrain_tasks_match_plain(task: str) -> None:
     """Loss, metrics and gradients of every pre-training task equal the plain forward's."""
-    model = PretrainModel(small_biencoder(seed=4)).train()
+    model = pretrain_model(small_biencoder(seed=4)).train()
     assert model.execution == "packed"
     rng = np.random.default_rng(8)
     batch = task_batch(task, 6, SMALL_BERT["vocab_size"], num_bb=12, rng=rng, max_txt_len=30)
@@ -299,7 +296,7 @@ def test_packed_cross_encoder_gradients_match_plain() -> None:
 
 def test_packed_pretrain_model_keeps_the_original_keys() -> None:
     """The packed path is the model's own forward: no wrapper, original state-dict keys."""
-    model = PretrainModel(small_biencoder(seed=5)).eval()
+    model = pretrain_model(small_biencoder(seed=5)).eval()
     padded = copy.deepcopy(model)
     padded.execution = "padded"
     assert model.execution == "packed" and model.bert.txt_model.execution == "packed"

@@ -7,16 +7,18 @@ import torch.nn.functional as F
 
 from model.biencoder import BiEncoder, BiEncoderConfig
 from model.losses import contrastive_loss
-from model.pretrain_heads import PretrainModel
+from model.pretrain_model import PretrainModel, PretrainSettings
 from tests import helpers as ref
 from tests.helpers import TINY_BERT, gelu, layer_norm, tiny_bert_config
+from utils.pipeline.pretrain_tasks import pretrain_model
+from utils.pipeline.pretrain_tasks.smrm import masked_region_hidden
 
 V = TINY_BERT["vocab_size"]
 
 
 def tiny_pretrain(cls_concat: str = "add", seed: int = 0) -> PretrainModel:
     bi = BiEncoder(BiEncoderConfig(dict(TINY_BERT), dict(TINY_BERT), 16, cls_concat=cls_concat))
-    model = PretrainModel(bi, img_label_dim=1601)
+    model = pretrain_model(bi, PretrainSettings(img_label_dim=1601))
     ref.randomize_(model, seed)
     return model.eval()
 
@@ -81,7 +83,7 @@ def test_tied_weights_share_storage_and_gradients() -> None:
     assert word.grad[torch.arange(V) != ref.CLS].abs().sum() > 0
     model.zero_grad()
     batch = mrm_batch()
-    hidden = model.masked_region_hidden(batch).detach()
+    hidden = masked_region_hidden(model, batch).detach()
     F.mse_loss(model.feat_regress(hidden), batch["feat_targets"]).backward()
     assert img_bert.img_embeddings.img_linear.weight.grad.abs().sum() > 0
 
@@ -206,4 +208,4 @@ def test_state_dict_has_original_pretrain_keys_and_rejects_unknown_task() -> Non
 def test_mismatched_towers_refused() -> None:
     other = tiny_bert_config(300)
     with pytest.raises(ValueError, match="vocabularies"):
-        PretrainModel(BiEncoder(BiEncoderConfig(other, dict(TINY_BERT), 8)))
+        pretrain_model(BiEncoder(BiEncoderConfig(other, dict(TINY_BERT), 8)))

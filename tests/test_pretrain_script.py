@@ -7,14 +7,13 @@ import numpy as np
 import pytest
 
 import pretrain
-from model.checkpoint import (
-    build_biencoder_from_checkpoint,
-    build_pretrain_model_from_checkpoint,
-)
+from model.families import build_biencoder_from_checkpoint
 from tests.helpers import ORIGINAL_CONFIGS_DIR, pretrain_config, write_config
-from utils.config import ConfigError, load_config
+from utils.config import load_config
 from utils.distributed import init_distributed
 from utils.engine.training import list_states, read_metrics
+from utils.errors import ConfigError
+from utils.pipeline.model_setup import build_pretrain_model_from_checkpoint
 from utils.pipeline.pretrain_data import dataset_tasks
 from utils.precision import resolve_precision
 

@@ -12,8 +12,9 @@ import torch
 import rerank
 from model.state_dicts import CheckpointError
 from tests.helpers import ORIGINAL_CONFIGS_DIR, Workspace
-from utils.config import ConfigError, load_config
+from utils.config import load_config
 from utils.engine.training import OutputDirError
+from utils.errors import ConfigError
 from utils.pipeline import reranking
 from utils.pipeline.retrieval_dir import (
     RetrievalDirError,

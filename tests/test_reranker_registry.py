@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import rerank
-from utils.config import ConfigError
+from utils.errors import ConfigError
 from utils.pipeline.reranking import RERANKERS, Reranker, register_reranker
 
 

@@ -8,15 +8,17 @@ from pathlib import Path
 import pytest
 
 import train_itm
-from model.checkpoint import build_biencoder_from_checkpoint, read_checkpoint
+from model.checkpoint import read_checkpoint
+from model.families import build_biencoder_from_checkpoint
 from tests.helpers import ORIGINAL_CONFIGS_DIR, itm_config, write_config
-from utils.config import ConfigError, load_config
+from utils.config import load_config
 from utils.engine.training import (
     NonFiniteLossError,
     OutputDirError,
     list_states,
     read_metrics,
 )
+from utils.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = ORIGINAL_CONFIGS_DIR / "lightningdot"

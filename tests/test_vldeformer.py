@@ -16,12 +16,9 @@ import torch.nn.functional as F
 import inference
 import rerank
 import train_itm
-from model.checkpoint import (
-    build_biencoder_from_checkpoint,
-    load_vldeformer_init_file,
-    make_checkpoint,
-)
+from model.checkpoint import load_vldeformer_init_file, make_checkpoint
 from model.cross_encoder import CrossEncoderConfig, UniterCrossEncoder
+from model.families import build_biencoder_from_checkpoint, check_model_section
 from model.losses import contrastive_loss
 from model.state_dicts import CheckpointError
 from model.vldeformer import VLDeformer, VLDeformerConfig
@@ -37,8 +34,10 @@ from tests.helpers import (
     tiny_bert_config,
     write_config,
 )
-from utils.config import ConfigError, load_config
+from utils.config import load_config
 from utils.engine.training import list_states
+from utils.errors import ConfigError
+from utils.pipeline.run_config import load_run_config
 from utils.pipeline.model_setup import build_biencoder_for_run
 from utils.pipeline.query import Searcher
 
@@ -206,9 +205,9 @@ def test_config_picks_the_family_and_refuses_lightningdot_keys(tiny_data, tiny_m
     assert isinstance(model, VLDeformer) and model.config.image_cls and model.loss_temperature == 0.05
     cfg.model.txt_checkpoint = str(tmp_path / "c.yaml")
     with pytest.raises(ConfigError, match="txt_checkpoint"):
-        build_biencoder_for_run(cfg.model)
+        check_model_section(cfg.model)
     with pytest.raises(ConfigError, match="hierarchy"):
-        load_config(write_config(tmp_path / "h.yaml", _vld_config(
+        load_run_config(write_config(tmp_path / "h.yaml", _vld_config(
             tiny_data, tiny_models, hierarchy={"mode": "prefix", "dims": [8, 32]})))
 
 
@@ -221,7 +220,7 @@ def test_train_itm_and_inference_run_a_decomposed_model(tiny_data, tiny_models, 
     torch.save(make_checkpoint(cross), tmp_path / "cross.pt")
     cfg = _vld_config(tiny_data, tiny_models, uniter_checkpoint=str(tmp_path / "cross.pt"))
     cfg["model"].pop("img_model_config")  # the architecture comes from the cross-encoder file
-    cfg["train"]["bimodal_negatives"] = {"text": 1, "image": 1, "vocab": tiny_data["root"] + "/object_vocab.txt"}
+    cfg["data"]["bimodal_negatives"] = {"text": 1, "image": 1, "vocab": tiny_data["root"] + "/object_vocab.txt"}
     # Hard negatives mined with the model itself, on top of the composed ones.
     cfg["retrieval"] = {"num_hard_negatives": 1, "hard_negatives_sampling": "top", "steps_per_hard_neg": 2}
     out = tmp_path / "run"
@@ -308,13 +307,11 @@ def test_compare_systems_table_matches_brute_force(workspace, tmp_path, capsys):
     ("itm/flickr30k_vldeformer", True), ("itm/flickr30k_vldeformer_no_bimodal", False),
     ("itm/coco_vldeformer", True), ("itm/coco_vldeformer_no_bimodal", False), ("demo/vldeformer", True)])
 def test_shipped_configs_load_and_name_the_missing_path(name, bimodal, tmp_path, monkeypatch):
-    from data.composed_negatives import BimodalNegatives
-
     repo = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(repo)
     cfg = load_config(repo / "configs" / f"{name}.yaml")
     assert cfg.model.type == "vldeformer" and cfg.model.biencoder_checkpoint is None
-    assert (BimodalNegatives.from_dict(cfg.train.bimodal_negatives) is not None) == bimodal
+    assert (cfg.data.bimodal_negatives is not None) == bimodal
     # The shipped paths may exist in a checkout that ran `make demo`: name one that cannot.
     with pytest.raises(FileNotFoundError, match=r"train_txt_dbs\[0\]"):
         missing = ", ".join(str(tmp_path / f"missing_txt_db{i}") for i in range(len(cfg.data.train_txt_dbs)))

@@ -10,32 +10,162 @@ Two file formats load into the same `RunConfig`:
 
 Overrides given as `section.key=value` or, since flat names are unique, `key=value`.
 Relative data and model paths resolve from the working directory, as in the original.
+
+Every section is typed and checked here, when the config loads: nested values have classes of
+their own (`Hierarchy`, `BimodalNegatives`, `IndexSpec`, `CascadeStage`) built by their
+`from_config` and written back by `to_dict`. What needs a registry above this leaf (the model
+family, the index type's parameters, the re-ranker, the pre-training tasks) is checked by
+`utils/pipeline/run_config.py`, the loader every entry point uses, right after this one.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import difflib
+import itertools
 import json
 import logging
 import os
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from utils.errors import MissingPathError, UserError
+from utils.errors import ConfigError, MissingPathError
 from utils.files import atomic_write_text
-from utils.hierarchy import Hierarchy, HierarchyError
+from utils.hierarchy import Hierarchy
 
 logger = logging.getLogger(__name__)
 
 
-class ConfigError(UserError, ValueError):
-    """A config file or override that cannot be used as it is."""
+# ---------------------------------------------------------------- typed values of sections
+#
+# Each has `from_config(value, where)` (checks a config value; `where` names it in errors) and
+# `to_dict()` (the form written to config.yaml and read back). `_coerce` builds them.
+
+BIMODAL_KEYS = ("text", "image", "word_replace_prob", "region_mix", "vocab")
+
+
+@dataclass(frozen=True)
+class BimodalNegatives:
+    """`data.bimodal_negatives`: how many composed negatives of each kind, and how.
+
+    Attributes:
+        text: composed captions per positive pair.
+        image: composed images per positive pair.
+        word_replace_prob: chance that each object word of a caption is replaced.
+        region_mix: share of a composed image's regions taken from another image.
+        vocab: the vocabulary file (token ids of object words); needed when `text` > 0.
+    """
+
+    text: int = 0
+    image: int = 0
+    word_replace_prob: float = 0.3
+    region_mix: float = 0.5
+    vocab: str = ""
+
+    @classmethod
+    def from_config(cls, value: Any, where: str = "data.bimodal_negatives") -> BimodalNegatives | None:
+        """Parse and check the config value; None when it is empty or asks for no negatives.
+
+        Raises:
+            ConfigError: not a mapping, an unknown key or a value out of range (named).
+        """
+        if not value:
+            return None
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping {{{', '.join(BIMODAL_KEYS)}}}, got {value!r}")
+        unknown = sorted(set(value) - set(BIMODAL_KEYS))
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {unknown}; known: {list(BIMODAL_KEYS)}")
+        hints = typing.get_type_hints(cls)
+        spec = cls(**{key: _coerce(v, hints[key], f"{where}.{key}") for key, v in value.items()})
+        for key in ("text", "image"):
+            if getattr(spec, key) < 0:
+                raise ConfigError(f"{where}.{key} must be an integer >= 0, got {getattr(spec, key)!r}")
+        if not 0.0 < spec.word_replace_prob <= 1.0:
+            raise ConfigError(f"{where}.word_replace_prob must be in (0, 1], got {spec.word_replace_prob!r}")
+        if not 0.0 < spec.region_mix < 1.0:
+            raise ConfigError(f"{where}.region_mix must be in (0, 1), got {spec.region_mix!r}")
+        if spec.text > 0 and not spec.vocab:
+            raise ConfigError(
+                f"{where}.vocab is not set: composed captions need a vocabulary file of object-word "
+                f"token ids (scripts/make_object_vocab.py; the synthetic data has object_vocab.txt)"
+            )
+        if spec.text == 0 and spec.image == 0:
+            return None
+        return spec
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config form."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """`retrieval.index`: an index type (a name of utils/search/indexes.py) and its parameters,
+    written flat in a config: `{type: hnsw, m: 32, ef_search: 128}`."""
+
+    type: str = "flat"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, value: Any, where: str = "retrieval.index") -> IndexSpec:
+        """Parse `{type, parameter: value, ...}` (the parameters are checked against the index
+        type by utils/pipeline/run_config.py)."""
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{where}: expected a mapping {{type: NAME, parameter: value, ...}}, got {value!r}")
+        params = dict(value)
+        kind = params.pop("type", "flat")
+        if not isinstance(kind, str) or not kind:
+            raise ConfigError(f"{where}.type: expected an index type name, got {kind!r}")
+        return cls(kind, params)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config form: the type and the parameters side by side."""
+        return {"type": self.type, **self.params}
+
+
+CASCADE_KEYS = ("dim", "keep")
+
+
+@dataclass(frozen=True)
+class CascadeStage:
+    """One stage of `retrieval.cascade`: search (first) or re-score (later) at level `dim`,
+    keep `keep` candidates per query (utils/search/cascade.py)."""
+
+    dim: int
+    keep: int
+
+    @classmethod
+    def from_config(cls, value: Any, where: str = "retrieval.cascade[i]") -> CascadeStage:
+        """Parse `{dim, keep}`, two positive ints."""
+        if not isinstance(value, Mapping) or set(value) != set(CASCADE_KEYS):
+            raise ConfigError(f"{where}: expected exactly the keys {list(CASCADE_KEYS)}, got {value!r}")
+        values = [value[key] for key in CASCADE_KEYS]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+            raise ConfigError(f"{where}: dim and keep must be positive ints, got {dict(value)}")
+        return cls(*values)
+
+    def to_dict(self) -> dict[str, int]:
+        """The config form."""
+        return {"dim": self.dim, "keep": self.keep}
+
+
+def check_cascade(stages: list[CascadeStage], top_k: int, where: str = "retrieval.cascade") -> None:
+    """A cascade's stages together: dims strictly increasing, keeps not increasing, the last
+    keep at least `top_k` (the lists inference keeps). The dims against the model's levels are
+    checked when the model is loaded (utils/search/cascade.py `check_levels`)."""
+    if any(b.dim <= a.dim for a, b in itertools.pairwise(stages)):
+        raise ConfigError(f"{where}: dims must be strictly increasing, got {[s.dim for s in stages]}")
+    if any(b.keep > a.keep for a, b in itertools.pairwise(stages)):
+        raise ConfigError(f"{where}: a stage cannot keep more than the one before, got {[s.keep for s in stages]}")
+    if stages and stages[-1].keep < top_k:
+        raise ConfigError(f"{where}: the last stage keeps {stages[-1].keep}, below retrieval.top_k = {top_k}")
 
 
 @dataclass
@@ -63,13 +193,14 @@ class ModelConfig:
     execution: Literal["padded", "packed"] = "packed"
     # HiVLP embedding hierarchy (utils/hierarchy.py): {mode: prefix|heads, dims: [...],
     # weights: [...]}; empty = off (one flat embedding, as before).
-    hierarchy: dict[str, Any] = field(default_factory=dict)
-    # Model family: `lightningdot` (BERT text tower + UNITER image tower) or `vldeformer`
-    # (model/vldeformer.py: one UNITER body run on text alone and on regions alone; its
-    # architecture is `img_model_config`, or the `uniter_checkpoint`'s when that is ours).
-    # The keys below up to `uniter_checkpoint` only apply to `vldeformer`; `project_dim`
-    # applies to both (0 = no projection, as in the original VLDeformer).
-    type: Literal["lightningdot", "vldeformer"] = "lightningdot"
+    hierarchy: Hierarchy | None = None
+    # Model family, a name of model/families.py: `lightningdot` (BERT text tower + UNITER image
+    # tower) or `vldeformer` (model/vldeformer.py: one UNITER body run on text alone and on
+    # regions alone; its architecture is `img_model_config`, or the `uniter_checkpoint`'s when
+    # that is ours). The keys below up to `uniter_checkpoint` only apply to `vldeformer`;
+    # `project_dim` applies to both (0 = no projection, as in the original VLDeformer). A key
+    # of another family set in a config is refused when the config loads.
+    type: str = "lightningdot"
     # `mean`: masked mean over the real output positions; `cls`: position 0.
     pooling: Literal["cls", "mean"] = "mean"
     # Put a [CLS] slot in front of the regions in the image pass.
@@ -85,16 +216,13 @@ class ModelConfig:
     uniter_checkpoint: str | None = None
 
     def __post_init__(self) -> None:
-        if self.type == "vldeformer" and self.hierarchy:
-            raise ConfigError("model.hierarchy is not supported with model.type vldeformer; leave it empty")
         if not self.temperature > 0:
             raise ConfigError(f"model.temperature must be > 0, got {self.temperature}")
-        # Checked here so a bad spec fails when the config loads, before any data is read.
+        if isinstance(self.hierarchy, Mapping):
+            self.hierarchy = Hierarchy.from_config(self.hierarchy)
         # With project_dim 0 the full size is the tower's hidden size, checked at model build.
-        try:
-            Hierarchy.from_dict(self.hierarchy, self.project_dim or None)
-        except HierarchyError as err:
-            raise ConfigError(str(err)) from err
+        if self.hierarchy is not None and self.project_dim:
+            self.hierarchy.check_full_dim(self.project_dim)
 
 
 @dataclass
@@ -136,6 +264,15 @@ class DataConfig:
     # CMR batches: `distinct` samples no image twice in a batch; `mask` lets duplicates in
     # and removes them from the negatives. The loss masks same-image rows in both cases.
     duplicate_images: Literal["distinct", "mask"] = "distinct"
+    # VLDeformer's bi-modal hard negatives (data/composed_negatives.py), for either model
+    # family's fine-tuning: {text: N, image: M, word_replace_prob: 0.3, region_mix: 0.5,
+    # vocab: FILE}, N composed captions and M composed images per positive pair; empty = off.
+    # (Earlier configs spell it `train.bimodal_negatives`.)
+    bimodal_negatives: BimodalNegatives | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bimodal_negatives, Mapping):
+            self.bimodal_negatives = BimodalNegatives.from_config(self.bimodal_negatives)
 
 
 @dataclass
@@ -177,10 +314,6 @@ class TrainConfig:
     distributed: Literal["auto", "none", "ddp", "horovod"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
-    # VLDeformer's bi-modal hard negatives (data/composed_negatives.py), for either model
-    # family: {text: N, image: M, word_replace_prob: 0.3, region_mix: 0.5, vocab: FILE}, N
-    # composed captions and M composed images per positive pair; empty = off.
-    bimodal_negatives: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -194,9 +327,9 @@ class RetrievalConfig:
     # Refresh hard negatives every N steps; 0 = once per epoch.
     steps_per_hard_neg: int = 0
     sample_init_hard_negatives: bool = False
-    # `type` (flat | hnsw | ivfpq) and that type's parameters, e.g. {type: hnsw, m: 32,
-    # ef_search: 128}; checked against the index class by inference.py before any work.
-    index: dict[str, Any] = field(default_factory=lambda: {"type": "flat"})
+    # `type` (flat | hnsw | ivfpq | ivfflat) and that type's parameters, e.g. {type: hnsw,
+    # m: 32, ef_search: 128}; the parameters are checked against the index class at load.
+    index: IndexSpec = field(default_factory=IndexSpec)
     inf_minibatch_size: int = 0
     # Candidates saved per query in topk.json.
     top_k: int = 100
@@ -209,12 +342,29 @@ class RetrievalConfig:
     # Coarse-to-fine retrieval over a hierarchical model's levels (utils/search/cascade.py):
     # [{dim: 64, keep: 1000}, {dim: 256, keep: 100}, {dim: 768, keep: 20}] searches the index
     # of the first level, then re-scores the kept candidates exactly at each next level;
-    # topk.json then holds the last stage's lists. Empty = off. Checked by inference.py.
-    cascade: list[dict[str, Any]] = field(default_factory=list)
+    # topk.json then holds the last stage's lists. Empty = off.
+    cascade: list[CascadeStage] = field(default_factory=list)
     # False: recall.json is the recall of the search's own top-k lists (R@K for K <= top_k,
     # exact whenever the search is), not an exact ranking of every caption against every
     # image: what a corpus of 100M images can afford. Per-level recall is then skipped.
     exact_recall: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.index, Mapping):
+            self.index = IndexSpec.from_config(self.index)
+        self.cascade = [CascadeStage.from_config(s, f"retrieval.cascade[{i}]") if isinstance(s, Mapping) else s
+                        for i, s in enumerate(self.cascade)]
+        check_cascade(self.cascade, self.top_k)
+        if self.index_train_size < 2:
+            raise ConfigError(f"retrieval.index_train_size must be at least 2, got {self.index_train_size}")
+        if not self.exact_recall:
+            if self.coco_1k:
+                raise ConfigError("retrieval.coco_1k ranks every caption of each fold: it needs retrieval.exact_recall=true")
+            if self.top_k < 10:
+                raise ConfigError(
+                    f"retrieval.exact_recall=false reports R@1/5/10 from the search's lists: retrieval.top_k "
+                    f"must be at least 10, got {self.top_k}"
+                )
 
 
 @dataclass
@@ -242,6 +392,12 @@ class CrossEncoderConfig:
     # Hinge margin of the `hinge` ranking loss.
     margin: float = 0.2
     rank_loss: Literal["hinge", "softmax"] = "softmax"
+
+    def __post_init__(self) -> None:
+        if self.negative_size < 1:
+            raise ConfigError(f"cross_encoder.negative_size must be at least 1, got {self.negative_size}")
+        if self.margin < 0:
+            raise ConfigError(f"cross_encoder.margin must be >= 0, got {self.margin}")
 
 
 @dataclass
@@ -276,6 +432,7 @@ MOVED_FIELDS: dict[tuple[str, str], str] = {
     ("retrieval", "negative_size"): "cross_encoder",
     ("retrieval", "margin"): "cross_encoder",
     ("rerank", "rank_loss"): "cross_encoder",
+    ("train", "bimodal_negatives"): "data",
 }
 
 # Original keys that configured tools we replace (apex, comet, launchers, disabled paths).
@@ -367,6 +524,11 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _is_typed_value(tp: Any) -> bool:
+    """A class that parses its own config value (`from_config`), e.g. `Hierarchy`."""
+    return isinstance(tp, type) and hasattr(tp, "from_config")
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against annotation `tp`, converting strings from the command line."""
     origin = typing.get_origin(tp)
@@ -377,6 +539,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return None
         if isinstance(value, str) and value.lower() in ("null", "none") and type(None) in args:
             return None
+        typed = [arg for arg in args if _is_typed_value(arg)]
+        if typed:
+            # A typed value's own parser names what is wrong (its None means "off").
+            return typed[0].from_config(value, where)
         for arg in args:
             if arg is type(None):
                 continue
@@ -385,6 +551,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ConfigError:
                 continue
         raise bad
+    if _is_typed_value(tp):
+        return tp.from_config(value, where)
     if origin is Literal:
         choices = typing.get_args(tp)
         if value in choices:
@@ -679,31 +847,47 @@ def load_config(
             path,
             sorted(ignored),
         )
+    return _build_run_config(nested, str(path))
+
+
+def _build_run_config(nested: dict[str, Any], source: str) -> RunConfig:
+    """The typed, checked `RunConfig` of a nested dict; errors name `source` and the key."""
     kwargs: dict[str, Any] = {}
-    for section, cls in SECTIONS.items():
-        kwargs[section] = _build(cls, nested.get(section, {}), f"{path} [{section}]")
-    for key in TOP_LEVEL_KEYS:
-        if key in nested:
-            kwargs[key] = _coerce(nested[key], str, f"{path} [{key}]")
+    for key, value in nested.items():
+        if key not in SECTIONS and key not in TOP_LEVEL_KEYS:
+            raise ConfigError(f"{source}: unknown section {key!r}")
+    try:
+        for section, cls in SECTIONS.items():
+            kwargs[section] = _build(cls, nested.get(section) or {}, section)
+        for key in TOP_LEVEL_KEYS:
+            if key in nested:
+                kwargs[key] = _coerce(nested[key], str, key)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from err
     return RunConfig(**kwargs)
 
 
+def _plain(value: Any) -> Any:
+    """`value` as plain dicts, lists and scalars: typed values by their `to_dict()`."""
+    if hasattr(value, "to_dict") and _is_typed_value(type(value)):
+        return _plain(value.to_dict())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def config_to_dict(config: RunConfig) -> dict[str, Any]:
-    """Plain nested dict (YAML/JSON/torch.save friendly)."""
-    return dataclasses.asdict(config)
+    """Plain nested dict (YAML/JSON/torch.save friendly), the form `config_from_dict` reads."""
+    return _plain(config)
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
     """Rebuild a RunConfig from `config_to_dict` output (e.g. stored in a checkpoint)."""
-    kwargs: dict[str, Any] = {}
-    for key, value in _move_fields(data).items():
-        if key in SECTIONS:
-            kwargs[key] = _build(SECTIONS[key], value, f"{source} [{key}]")
-        elif key in TOP_LEVEL_KEYS:
-            kwargs[key] = value
-        else:
-            raise ConfigError(f"{source}: unknown section {key!r}")
-    return RunConfig(**kwargs)
+    return _build_run_config(_move_fields(data), source)
 
 
 def save_config(config: RunConfig, path: str | os.PathLike) -> None:

@@ -24,6 +24,10 @@ class UserError(Exception):
     """A mistake in the user's input: config, paths, data, checkpoints, command line; printed as one line."""
 
 
+class ConfigError(UserError, ValueError):
+    """A config file, config section or override that cannot be used as it is."""
+
+
 class MissingPathError(UserError, FileNotFoundError):
     """A file or directory the user named (or the config points to) does not exist."""
 

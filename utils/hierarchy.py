@@ -8,8 +8,9 @@ embedding): the contrastive loss is the `weights`-weighted sum over the levels. 
 * `heads`: level i has its own linear head from the tower's [CLS] state; the last level is
   the tower's usual embedding (`encode_proj`).
 
-The run config (`model.hierarchy`), the bi-encoder config and the checkpoints it is stored
-in all hold the plain-dict form (`to_dict`); an empty dict or None means no hierarchy.
+The run config (`model.hierarchy`) and the bi-encoder config hold a `Hierarchy` (or None: no
+hierarchy), parsed once where they are read; config files and checkpoints store the plain-dict
+form (`to_dict`), where an empty dict also means no hierarchy.
 """
 from __future__ import annotations
 
@@ -19,13 +20,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from utils.errors import UserError
+from utils.errors import ConfigError
 
 HIERARCHY_MODES = ("prefix", "heads")
 HIERARCHY_KEYS = ("mode", "dims", "weights")
 
 
-class HierarchyError(UserError, ValueError):
+class HierarchyError(ConfigError):
     """A hierarchy spec that cannot be used; the message names where it came from."""
 
 
@@ -79,11 +80,6 @@ class Hierarchy:
             raise HierarchyError(f"{where}.dims: every size must be a positive int, got {list(dims)}")
         if any(b <= a for a, b in itertools.pairwise(dims)):
             raise HierarchyError(f"{where}.dims: sizes must be strictly increasing, got {list(dims)}")
-        if full_dim is not None and dims[-1] != full_dim:
-            raise HierarchyError(
-                f"{where}.dims: the last size must be the full embedding size {full_dim} "
-                f"(model.project_dim, or the tower hidden size when project_dim is 0), got {list(dims)}"
-            )
         weights = data.get("weights")
         if weights is None:
             weights = [1.0] * len(dims)
@@ -93,7 +89,28 @@ class Hierarchy:
             raise HierarchyError(f"{where}.weights: expected numbers, got {list(weights)}")
         if not all(math.isfinite(w) and w >= 0 for w in weights) or not any(w > 0 for w in weights):
             raise HierarchyError(f"{where}.weights: must be finite, >= 0 and not all 0, got {list(weights)}")
-        return cls(mode=mode, dims=tuple(dims), weights=tuple(float(w) for w in weights))
+        spec = cls(mode=mode, dims=tuple(dims), weights=tuple(float(w) for w in weights))
+        if full_dim is not None:
+            spec.check_full_dim(full_dim, where)
+        return spec
+
+    @classmethod
+    def from_config(cls, value: Any, where: str = "model.hierarchy") -> Hierarchy | None:
+        """The run config's parser (`utils/config.py`): `from_dict` without the full size,
+        which the model checks (`check_full_dim`)."""
+        return cls.from_dict(value, None, where)
+
+    def check_full_dim(self, full_dim: int, where: str = "model.hierarchy") -> None:
+        """Refuse a last level that is not the full embedding size `full_dim`.
+
+        Raises:
+            HierarchyError: `dims[-1] != full_dim`.
+        """
+        if self.dims[-1] != full_dim:
+            raise HierarchyError(
+                f"{where}.dims: the last size must be the full embedding size {full_dim} "
+                f"(model.project_dim, or the tower hidden size when project_dim is 0), got {list(self.dims)}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form (config files, checkpoints)."""

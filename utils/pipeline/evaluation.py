@@ -27,7 +27,7 @@ from data.datasets import (
 )
 from data.img_db import ImgDb
 from data.txt_db import TxtDb
-from model.biencoder import BiEncoder
+from model.retrieval import RetrievalModel
 from utils.config import DataConfig, TrainConfig
 from utils.distributed import DistEnv, all_gather_no_grad, broadcast_object
 from utils.engine.training import eval_loader, to_device
@@ -110,7 +110,7 @@ class EvalSplit:
         return cls.from_dbs(name, open_txt_db(txt_db_path, settings), open_img_db(img_db_path, settings))
 
 
-def embed_batch(model: BiEncoder, batch: Mapping[str, Any], side: str) -> torch.Tensor:
+def embed_batch(model: RetrievalModel, batch: Mapping[str, Any], side: str) -> torch.Tensor:
     """(B, D) embeddings of an eval batch: captions (`side="txt"`) or images (`"img"`)."""
     if side == "txt":
         return model.encode_text(batch["txt"]["input_ids"], batch["txt"]["attention_mask"])
@@ -119,7 +119,7 @@ def embed_batch(model: BiEncoder, batch: Mapping[str, Any], side: str) -> torch.
 
 
 def _encode(
-    model: BiEncoder,
+    model: RetrievalModel,
     dataset: Any,
     collate: Any,
     side: str,
@@ -152,7 +152,7 @@ def _encode(
 
 @torch.no_grad()
 def encode_split(
-    model: BiEncoder,
+    model: RetrievalModel,
     split: EvalSplit,
     env: DistEnv,
     precision: Precision,
@@ -185,7 +185,7 @@ def encode_split(
 
 
 def evaluate_recall(
-    model: BiEncoder,
+    model: RetrievalModel,
     split: EvalSplit,
     env: DistEnv,
     precision: Precision,
@@ -244,7 +244,7 @@ class HardNegativeMiner:
 
     def mine(
         self,
-        model: BiEncoder,
+        model: RetrievalModel,
         step: int,
         epoch: int,
         env: DistEnv,

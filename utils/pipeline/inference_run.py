@@ -22,7 +22,7 @@ from data.datasets import (
     image_eval_collate,
     text_eval_collate,
 )
-from utils.config import ConfigError, RunConfig
+from utils.config import CascadeStage, RunConfig
 from utils.distributed import barrier, init_distributed, shutdown
 from utils.files import atomic_write_json
 from utils.pipeline.evaluation import caption_image_indices, embed_batch
@@ -48,10 +48,9 @@ from utils.run_files import (
     level_file,
 )
 from utils.search.cascade import (
-    CascadeStage,
     StageResult,
     cascade_search,
-    parse_cascade,
+    check_levels,
 )
 from utils.search.indexes import (
     DenseIndex,
@@ -61,7 +60,6 @@ from utils.search.indexes import (
     index_shards,
     merge_shards,
     remove_shards,
-    split_index_spec,
 )
 from utils.search.metrics import (
     fold_recall_from_embeddings,
@@ -84,22 +82,8 @@ def run_inference(config: RunConfig, checkpoint: str, out_dir: str | os.PathLike
     t_start = time.perf_counter()
     timing: dict[str, float] = {}
     split = resolve_split(config)
-    try:
-        kind, index_params = split_index_spec(config.retrieval.index)
-    except ValueError as err:
-        raise ConfigError(f"retrieval.index: {err}") from None
-    # The spec's shape now; its dims against the model's levels once the model is loaded.
-    parse_cascade(config.retrieval.cascade, config.retrieval.top_k)
-    if not config.retrieval.exact_recall:
-        if config.retrieval.coco_1k:
-            raise ConfigError("retrieval.coco_1k ranks every caption of each fold: it needs retrieval.exact_recall=true")
-        if config.retrieval.top_k < 10:
-            raise ConfigError(
-                f"retrieval.exact_recall=false reports R@1/5/10 from the search's lists: retrieval.top_k "
-                f"must be at least 10, got {config.retrieval.top_k}"
-            )
-    if config.retrieval.index_train_size < 2:
-        raise ConfigError(f"retrieval.index_train_size must be at least 2, got {config.retrieval.index_train_size}")
+    # The config checked both when it loaded (utils/pipeline/run_config.py).
+    kind, index_params = config.retrieval.index.type, config.retrieval.index.params
     env = init_distributed(config.train.distributed, config.train.device)
     out = Path(out_dir)
     shard_dir = out / SHARD_DIR
@@ -120,7 +104,8 @@ def run_inference(config: RunConfig, checkpoint: str, out_dir: str | os.PathLike
         # Every level gets its own embeddings and index; a flat model has one level, `dim`.
         dims = list(model.level_dims)
         hierarchical = len(dims) > 1
-        stages = parse_cascade(config.retrieval.cascade, config.retrieval.top_k, dims)
+        stages = config.retrieval.cascade
+        check_levels(stages, dims)
         model_config = model.config.to_dict()
         bs = batch_size or config.retrieval.inf_minibatch_size or config.train.val_batch_size
         workers = config.data.n_workers

@@ -17,8 +17,7 @@ from transformers import AutoTokenizer
 
 from data.datasets import collate_images
 from data.txt_db import TxtDb
-from utils.config import ConfigError
-from utils.errors import DataKeyError, MissingPathError
+from utils.errors import ConfigError, DataKeyError, MissingPathError
 from utils.pipeline.evaluation import open_img_db
 from utils.pipeline.reranking import fuse, load_cross_encoder
 from utils.pipeline.retrieval_dir import Split, load_biencoder, read_json

@@ -31,10 +31,11 @@ from model.checkpoint import (
 )
 from model.cross_encoder import build_cross_encoder
 from model.state_dicts import CheckpointError, read_weights
-from utils.config import ConfigError, RunConfig, config_to_dict, require_path
+from utils.config import RunConfig, config_to_dict, require_path
 from utils.distributed import all_gather_object, all_reduce, world_info
 from utils.engine.run import BestCheckpoint, after_update
 from utils.engine.training import MicroBatch, ResumableLoader, eval_loader, to_device
+from utils.errors import ConfigError
 from utils.files import atomic_torch_save, atomic_write_json
 from utils.pipeline.evaluation import (
     HardNegativeMiner,

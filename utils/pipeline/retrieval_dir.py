@@ -18,15 +18,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from model.biencoder import BiEncoder, BiEncoderConfig, build_biencoder
-from model.checkpoint import (
-    OUR_FORMATS,
-    build_biencoder_from_checkpoint,
-    detect_format,
-    load_biencoder_weights,
-)
-from model.state_dicts import read_weights
-from utils.config import ConfigError, RunConfig, require_path
+from model.families import load_retrieval_model
+from model.formats import OUR_FORMATS
+from utils.config import RunConfig, require_path
 from utils.engine.training import to_device
 from utils.errors import UserError
 from utils.pipeline.evaluation import open_img_db, open_txt_db
@@ -137,46 +131,26 @@ def check_retrieval_dir(retrieval_dir: str | os.PathLike, split: Split) -> dict[
     return info
 
 
-def checkpoint_format(path: str | os.PathLike) -> str:
-    """`ours` (self-describing) or the `model.checkpoint.CHECKPOINT_FORMATS` name of an original file."""
-    fmt = detect_format(read_weights(path))
-    return "ours" if fmt in OUR_FORMATS else fmt
-
-
 def load_biencoder(
     checkpoint: str | os.PathLike, config: RunConfig | None = None, model_config: Mapping[str, Any] | None = None
 ):
-    """The bi-encoder of `checkpoint`, in eval mode, and the checkpoint's format.
+    """The bi-encoder of `checkpoint`, in eval mode, and the checkpoint's format (`ours`, or
+    the `model.checkpoint.CHECKPOINT_FORMATS` name of an original file).
 
-    Our checkpoints rebuild their model alone. An original checkpoint needs the towers'
-    configs: `model_config` (a `BiEncoderConfig` dict, e.g. from info.json) or the run config's
-    `model.txt_model_config`, `model.img_model_config` and `model.project_dim`.
+    Our checkpoints rebuild their model alone. Any other file is one a model family starts
+    from (`model.families.load_retrieval_model`): its architecture comes from `model_config`
+    (a stored model config, e.g. from info.json) or the run config's model section.
 
     Raises:
         FileNotFoundError: the checkpoint or a tower config does not exist.
-        model.state_dicts.CheckpointError: the weights do not fit the configured towers.
+        model.state_dicts.CheckpointError: the weights do not fit the configured model.
     """
     path = require_path(str(checkpoint), "--checkpoint", "file")
-    fmt = checkpoint_format(path)
-    if fmt == "ours":
-        model = build_biencoder_from_checkpoint(path)
-    else:
-        if model_config is not None:
-            model = BiEncoder(BiEncoderConfig.from_dict(model_config))
-        elif config is not None:
-            m = config.model
-            for key in ("txt_model_config", "img_model_config"):
-                if not getattr(m, key):
-                    raise ConfigError(f"{path} is an original checkpoint: set model.{key} (its tower config)")
-            # build_biencoder names the key of a missing path (and refuses hub names offline).
-            model = build_biencoder(m.txt_model_config, m.img_model_config, project_dim=m.project_dim)
-        else:
-            raise ConfigError(f"{path} is an original checkpoint: its tower configs are needed")
-        load_biencoder_weights(model, path)
+    model, fmt = load_retrieval_model(path, config.model if config is not None else None, model_config)
     if config is not None:
         # How to run the towers is the run's choice, not the checkpoint's.
         model.execution = config.model.execution
-    return model.eval(), fmt
+    return model.eval(), "ours" if fmt in OUR_FORMATS else fmt
 
 
 def pick_precision(requested: str, config_precision: str, device: torch.device):

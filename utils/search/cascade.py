@@ -15,14 +15,14 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
-from utils.config import ConfigError
+from utils.config import CascadeStage
+from utils.errors import ConfigError
 from utils.search.indexes import DenseIndex, IVFFlatIndex
 from utils.search.topk import MISSING_ID, ArrayLike, exact_topk
 
@@ -32,19 +32,6 @@ RESCORE_BLOCK_ELEMENTS = 1 << 24
 SCORE_BLOCK_ELEMENTS = 1 << 26
 # Below this k, `torch.topk` per block is cheap and `exact_topk` is used as is.
 THRESHOLD_TOPK_MIN_K = 64
-CASCADE_KEYS = ("dim", "keep")
-
-
-@dataclass(frozen=True)
-class CascadeStage:
-    """One stage: search (first) or re-score (later) at level `dim`, keep `keep` per query."""
-
-    dim: int
-    keep: int
-
-    def to_dict(self) -> dict[str, int]:
-        """JSON form, as written in a config."""
-        return {"dim": self.dim, "keep": self.keep}
 
 
 @dataclass
@@ -57,47 +44,15 @@ class StageResult:
     seconds: float
 
 
-def parse_cascade(
-    spec: Sequence[Mapping[str, Any]] | None,
-    top_k: int | None = None,
-    level_dims: Sequence[int] | None = None,
-    where: str = "retrieval.cascade",
-) -> list[CascadeStage]:
-    """Check a cascade spec; an empty one (cascade off) gives [].
-
-    Args:
-        spec: `[{dim, keep}, ...]`.
-        top_k: lists wanted at the end (the last `keep` must be at least this).
-        level_dims: the model's level sizes; every `dim` must be one of them.
-        where: the config key, named in errors.
+def check_levels(stages: Sequence[CascadeStage], level_dims: Sequence[int], where: str = "retrieval.cascade") -> None:
+    """Refuse a cascade (checked already when the config loaded) whose dims the model lacks.
 
     Raises:
-        ConfigError: a stage that is not `{dim, keep}` with positive ints, dims not strictly
-            increasing, keeps increasing, a dim the model lacks, or a last keep below `top_k`.
+        ConfigError: a stage's dim is not one of the model's level sizes.
     """
-    if not spec:
-        return []
-    if not isinstance(spec, (list, tuple)):
-        raise ConfigError(f"{where}: expected a list of {{dim, keep}} stages, got {spec!r}")
-    stages = []
-    for i, raw in enumerate(spec):
-        if not isinstance(raw, Mapping) or set(raw) != set(CASCADE_KEYS):
-            raise ConfigError(f"{where}[{i}]: expected exactly the keys {list(CASCADE_KEYS)}, got {raw!r}")
-        values = [raw[key] for key in CASCADE_KEYS]
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
-            raise ConfigError(f"{where}[{i}]: dim and keep must be positive ints, got {dict(raw)}")
-        stages.append(CascadeStage(*values))
-    if any(b.dim <= a.dim for a, b in itertools.pairwise(stages)):
-        raise ConfigError(f"{where}: dims must be strictly increasing, got {[s.dim for s in stages]}")
-    if any(b.keep > a.keep for a, b in itertools.pairwise(stages)):
-        raise ConfigError(f"{where}: a stage cannot keep more than the one before, got {[s.keep for s in stages]}")
-    if level_dims is not None:
-        missing = [s.dim for s in stages if s.dim not in level_dims]
-        if missing:
-            raise ConfigError(f"{where}: dims {missing} are not levels of the model (its level dims: {list(level_dims)})")
-    if top_k is not None and stages[-1].keep < top_k:
-        raise ConfigError(f"{where}: the last stage keeps {stages[-1].keep}, below retrieval.top_k = {top_k}")
-    return stages
+    missing = [s.dim for s in stages if s.dim not in level_dims]
+    if missing:
+        raise ConfigError(f"{where}: dims {missing} are not levels of the model (its level dims: {list(level_dims)})")
 
 
 def _as_tensor(x: ArrayLike, device: torch.device) -> torch.Tensor:
@@ -357,7 +312,7 @@ def cascade_search(
     Args:
         queries: per stage, the (Q, stages[i].dim) query embeddings of its level.
         corpora: per stage, the (N, stages[i].dim) corpus embeddings of its level.
-        stages: the cascade (`parse_cascade`).
+        stages: the cascade (`retrieval.cascade`, checked against the levels by `check_levels`).
         first_index: an index over `corpora[0]` for stage 1; None = exact top-k on `device`.
             An `IVFFlatIndex` on a CPU with keep >= `THRESHOLD_TOPK_MIN_K` is searched by
             `ivf_threshold_topk` (the same lists and scores as its faiss search, faster).
