@@ -211,7 +211,7 @@ def _rows(x: torch.Tensor, chunk: slice) -> torch.Tensor:
 
 def cross_encoder_from_config(config: CrossEncoderConfig) -> UniterCrossEncoder:
     """A randomly initialised cross-encoder of `config` (weights: model/checkpoint.py)."""
-    return cross_encoder_from_config(config)
+    return UniterCrossEncoder(config)
 
 
 def build_cross_encoder(
