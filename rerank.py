@@ -35,7 +35,8 @@ pre-trained or ITM fine-tuned weights, config `cross_encoder.model_config`) and 
 set-up every trainer shares (`utils/pipeline/training_run.py`, `utils/engine/`: per-rank
 seeds, accumulation, AMP, torchrun / Horovod, exact resume, validate / save cadence, best
 checkpoint by validation ranking accuracy). It writes our cross-encoder checkpoints to
-`OUT/ckpt/cross_encoder.{best,last}.pt` (`utils/pipeline/reranking.py` has the training code).
+`OUT/ckpt/cross_encoder.{best,last}.pt` (`utils/pipeline/cross_encoder_training.py` has its data,
+model and evaluation; the loop is here, as in the other two trainers).
 """
 from __future__ import annotations
 
@@ -43,19 +44,26 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from utils.config import add_config_args
 from utils.distributed import init_distributed, shutdown
-from utils.engine.training import add_run_args
+from utils.engine.run import BestCheckpoint, after_update
+from utils.engine.training import MicroBatch, add_run_args
 from utils.errors import ConfigError, run_cli
+from utils.files import atomic_write_json
 from utils.original_programs import UNITER_TRAIN_ITM
-from utils.pipeline.reranking import (
-    RERANKERS,
+from utils.pipeline.cross_encoder_training import (
+    RANKING_TASK,
+    RankingData,
+    build_cross_encoder_for_run,
+    check_model_vocabulary,
     check_training_config,
-    rerank_retrieval_dir,
-    train_cross_encoder,
+    rank_loss,
+    ranking_eval,
 )
+from utils.pipeline.reranking import RERANKERS, rerank_retrieval_dir
 from utils.pipeline.retrieval_dir import (
     PRECISIONS,
     check_retrieval_dir,
@@ -67,6 +75,15 @@ from utils.pipeline.run_config import (
     TRAIN_CROSS_ENCODER,
     load_run_config,
     run_config_from_args,
+)
+from utils.pipeline.training_run import TrainingRun, save_model
+from utils.precision import resolve_precision
+from utils.rng import seed_everything
+from utils.run_files import (
+    CKPT_DIR,
+    CROSS_ENCODER_BEST,
+    CROSS_ENCODER_LAST,
+    VAL_RESULTS_FILE,
 )
 
 logger = logging.getLogger("rerank")
@@ -143,12 +160,64 @@ def build_train_parser() -> argparse.ArgumentParser:
 
 
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
-    """ITM ranking fine-tuning of a UNITER cross-encoder (see module docstring)."""
-    config = run_config_from_args(args, UNITER_TRAIN_ITM, TRAIN_CROSS_ENCODER)
-    check_training_config(config)
-    env = init_distributed(config.train.distributed, config.train.device)
+    """ITM ranking fine-tuning of a UNITER cross-encoder (see module docstring).
+
+    Returns:
+        `{"step", "val", "best": {"accuracy", "step"}, "checkpoint"}` (also written to
+        `OUT/val_results.json`).
+    """
+    cfg = run_config_from_args(args, UNITER_TRAIN_ITM, TRAIN_CROSS_ENCODER)
+    check_training_config(cfg)
+
+    # ---- device, precision and distribution: every such decision is made here, once ----
+    env = init_distributed(cfg.train.distributed, cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, env.device)
     try:
-        return train_cross_encoder(config, env, resume=args.resume, overwrite=args.overwrite)
+        seed_everything(cfg.train.seed)
+        data = RankingData.open(cfg, env)
+        # Every input is checked before the output directory is touched.
+        run = TrainingRun.open(cfg, env, batches_per_epoch=data.loader.batches_per_epoch(), resume=args.resume,
+                               overwrite=args.overwrite, extra_artifacts=(VAL_RESULTS_FILE,))
+        if data.miner is not None and run.resume_from is None:
+            # Mined once: the bi-encoder is fixed. A resumed run gets the lists from its state.
+            data.mine_with_biencoder(cfg, env)
+        model = build_cross_encoder_for_run(cfg)
+        check_model_vocabulary(model, data, cfg)
+        model.to(env.device)
+
+        def save(name: str, metrics: Mapping[str, Any], step: int) -> None:
+            save_model(model, run.out / CKPT_DIR / name, cfg, {"step": step, "val": dict(metrics)}, env)
+
+        best = BestCheckpoint("accuracy", lambda metrics, step: save(CROSS_ENCODER_BEST, metrics, step))
+        stateful = {"loader": data.loader, "best": best, **({"hard_negatives": data.miner} if data.miner else {})}
+        trainer = run.trainer(model, precision, stateful)
+        metrics: dict[str, float] = {}
+
+        def validate() -> None:
+            nonlocal metrics
+            if data.val_loader is not None:
+                metrics = ranking_eval(model, data.val_loader, env.device, precision, data.train_set.group_size)
+                trainer.log(metrics, "val")
+            save(CROSS_ENCODER_LAST, metrics, trainer.step)
+            if data.val_loader is None:
+                save(CROSS_ENCODER_BEST, metrics, trainer.step)  # nothing to compare: the best is the last
+            else:
+                best.update(metrics, trainer.step)
+
+        try:
+            while not trainer.done:
+                micro = [MicroBatch(RANKING_TASK, data.loader.next_batch()) for _ in range(run.accumulation)]
+                trainer.train_step(micro, rank_loss)
+                after_update(trainer, cfg.train, validate)
+        finally:
+            trainer.close()
+        best_summary = {"accuracy": best.value if best.step >= 0 else None,
+                        "step": best.step if best.step >= 0 else trainer.step}
+        result = {"step": trainer.step, "val": metrics, "best": best_summary,
+                  "checkpoint": str((run.out / CKPT_DIR / CROSS_ENCODER_BEST).resolve())}
+        if env.is_main:
+            atomic_write_json(run.out / VAL_RESULTS_FILE, result)
+        return result
     finally:
         shutdown(env)
 

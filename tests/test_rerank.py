@@ -15,7 +15,7 @@ from tests.helpers import ORIGINAL_CONFIGS_DIR, Workspace
 from utils.config import load_config
 from utils.engine.training import OutputDirError
 from utils.errors import ConfigError
-from utils.pipeline import reranking
+from utils.pipeline import cross_encoder_training, reranking
 from utils.pipeline.retrieval_dir import (
     RetrievalDirError,
     load_biencoder,
@@ -189,7 +189,7 @@ def test_hard_negatives_reach_the_itm_dataset(workspace):
                                       "retrieval.hard_negatives_sampling=top",
                                       f"model.biencoder_checkpoint={ws.our_ckpt}"])
     dataset = ItmRankDataset([TxtDb(ws.data["txt_db"]["train"])], [ImgDb(ws.data["img_db"])], 2, seed=0)
-    miner = reranking.hard_negative_miner(config, dataset)
+    miner = cross_encoder_training.hard_negative_miner(config, dataset)
     env = init_distributed("none", "cpu")
     model, _ = load_biencoder(ws.our_ckpt, config)
     miner.mine(model, 0, 0, env, resolve_precision("fp32", env.device), config.train, config.data)
@@ -200,8 +200,8 @@ def test_hard_negatives_reach_the_itm_dataset(workspace):
     assert item["img_names"][1] == mined[0]  # the mined negative comes first, then samples
     assert len(item["img_names"]) == dataset.group_size == 5
     with pytest.raises(ConfigError, match="biencoder_checkpoint"):
-        reranking.hard_negative_miner(load_config(ws.config, ["retrieval.num_hard_negatives=1",
+        cross_encoder_training.hard_negative_miner(load_config(ws.config, ["retrieval.num_hard_negatives=1",
                                                            "retrieval.hard_negatives_sampling=top"]), dataset)
     with pytest.raises(ConfigError, match="negative_size"):
-        reranking.hard_negative_miner(load_config(ws.config, ["retrieval.num_hard_negatives=3",
+        cross_encoder_training.hard_negative_miner(load_config(ws.config, ["retrieval.num_hard_negatives=3",
                                                            "retrieval.hard_negatives_sampling=top"]), dataset)

@@ -1,8 +1,8 @@
 """Second stage: a cross-encoder scores the bi-encoder's top-M pairs, fused with its scores.
 
-Candidate lists read from a retrieval directory, pair scoring (distributed over ranks), score
-fusion, recall after re-ranking, and training the cross-encoder (`rerank.py train`: ITM ranking
-data, hard negatives mined with the bi-encoder, ranking evaluation) on the shared run set-up.
+The re-ranker registry, candidate lists read from a retrieval directory, pair scoring
+(distributed over ranks), score fusion and recall after re-ranking. Training the cross-encoder
+(`rerank.py train`) is `utils/pipeline/cross_encoder_training.py`'s.
 """
 from __future__ import annotations
 
@@ -17,9 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from data.datasets import ItmRankDataset, PairDataset, itm_rank_collate, pair_collate
+from data.datasets import PairDataset, pair_collate
 from data.img_db import ImgDb
-from data.samplers import LengthBucketBatchSampler
 from data.txt_db import TxtDb
 from model.checkpoint import (
     CROSS_ENCODER_FORMAT,
@@ -27,43 +26,28 @@ from model.checkpoint import (
     build_cross_encoder_from_checkpoint,
     detect_format,
     load_cross_encoder_weights,
-    make_checkpoint,
 )
 from model.cross_encoder import build_cross_encoder
 from model.state_dicts import CheckpointError, read_weights
-from utils.config import RunConfig, config_to_dict, require_path
-from utils.distributed import all_gather_object, all_reduce, world_info
-from utils.engine.run import BestCheckpoint, after_update
-from utils.engine.training import MicroBatch, ResumableLoader, eval_loader, to_device
+from utils.config import RunConfig, require_path
+from utils.distributed import all_gather_object, world_info
 from utils.errors import ConfigError
-from utils.files import atomic_torch_save, atomic_write_json
+from utils.files import atomic_write_json
 from utils.pipeline.evaluation import (
-    HardNegativeMiner,
     caption_image_indices,
-    open_img_db,
-    open_txt_db,
 )
 from utils.pipeline.retrieval_dir import (
     RetrievalDirError,
     Split,
     check_retrieval_dir,
-    load_biencoder,
     open_split,
-    pick_precision,
     read_json,
 )
-from utils.pipeline.training_run import TrainingRun
-from utils.precision import resolve_precision
-from utils.rng import seed_everything
 from utils.run_files import (
-    CKPT_DIR,
-    CROSS_ENCODER_BEST,
-    CROSS_ENCODER_LAST,
     IDS_FILE,
     RERANK_FILE,
     SCORES_FILE,
     TOPK_FILE,
-    VAL_RESULTS_FILE,
 )
 from utils.search.metrics import recall_from_candidates
 
@@ -390,175 +374,3 @@ def rerank_retrieval_dir(
             b["text_to_image"]["R@1"], a["text_to_image"]["R@1"], b["rsum"], a["rsum"],
         )
     return result
-
-
-def hard_negative_miner(config: RunConfig, dataset):
-    """A miner of the bi-encoder's hard negatives for `dataset`, or None when not asked for.
-
-    With `retrieval.num_hard_negatives > 0` (and a sampling mode other than `none`) the
-    first that many negatives per side come from the candidates of
-    `model.biencoder_checkpoint`, the bi-encoder whose top-M the re-ranker will see.
-    """
-
-    r = config.retrieval
-    if r.num_hard_negatives <= 0 or r.hard_negatives_sampling == "none":
-        return None
-    negative_size = config.cross_encoder.negative_size
-    if r.num_hard_negatives > negative_size:
-        raise ConfigError(
-            f"retrieval.num_hard_negatives ({r.num_hard_negatives}) exceeds cross_encoder.negative_size "
-            f"({negative_size}), the negatives per side of an ITM example"
-        )
-    if not config.model.biencoder_checkpoint:
-        raise ConfigError(
-            "retrieval.num_hard_negatives > 0 mines hard negatives with the bi-encoder: set "
-            "model.biencoder_checkpoint (or num_hard_negatives=0 for sampled negatives only)"
-        )
-    return HardNegativeMiner(dataset, r.num_hard_negatives, r.hard_negatives_sampling,
-                             config.train.seed)
-
-
-def ranking_eval(model, loader, device: torch.device, precision, group_size: int) -> dict[str, float]:
-    """Mean loss and the share of groups whose positive scores above all its negatives."""
-
-    model.eval()
-    total = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, groups
-    with torch.inference_mode():
-        for batch in loader:
-            batch = to_device(batch, device)
-            with precision.autocast():
-                out = model(batch)
-            scores = out["scores"].float().view(-1, group_size)
-            groups = scores.shape[0]
-            total += torch.tensor(
-                [float(out["loss"]) * groups, float((scores[:, 1:] < scores[:, :1]).all(1).sum()), groups],
-                dtype=torch.float64, device=device,
-            )
-    total = all_reduce(total)
-    model.train()
-    return {"loss": float(total[0] / total[2]), "accuracy": float(100.0 * total[1] / total[2])}
-
-
-# ---------------------------------------------------------------- training (rerank.py train)
-
-
-def check_training_config(config: RunConfig) -> None:
-    """Refuse a cross-encoder training config that cannot run, before anything is opened."""
-    if not config.cross_encoder.model_config:
-        raise ConfigError("cross_encoder.model_config (the UNITER JSON config of the cross-encoder) is not set")
-    data = config.data
-    if not data.train_txt_dbs or len(data.train_txt_dbs) != len(data.train_img_dbs):
-        raise ConfigError(
-            f"data.train_txt_dbs ({len(data.train_txt_dbs)}) and data.train_img_dbs "
-            f"({len(data.train_img_dbs)}) must name the same, non-zero number of databases"
-        )
-
-
-def _open_rank_dbs(config: RunConfig, txt_paths: Sequence[str], img_paths: Sequence[str], key: str):
-    txt = [open_txt_db(str(require_path(p, f"data.{key}_txt_db(s)", "dir")), config.data) for p in txt_paths]
-    img = [open_img_db(str(require_path(p, f"data.{key}_img_db(s)", "dir")), config.data) for p in img_paths]
-    return txt, img
-
-
-def train_cross_encoder(config: RunConfig, env, *, resume: bool, overwrite: bool) -> dict[str, Any]:
-    """ITM ranking fine-tuning of a UNITER cross-encoder (UNITER's recipe; see rerank.py).
-
-    Each example is one positive pair plus `cross_encoder.negative_size` negative images for
-    its caption and as many negative captions for its image, scored jointly and trained with
-    `cross_encoder.rank_loss`. Run set-up, cadence and the best checkpoint (by validation
-    ranking accuracy) are the ones every trainer shares (`utils/pipeline/training_run.py`,
-    `utils/engine/run.py`).
-
-    Returns:
-        `{"step", "val", "best": {"accuracy", "step"}, "checkpoint"}` (also written to
-        `OUT/val_results.json`).
-    """
-    c, ce = config, config.cross_encoder
-    check_training_config(c)
-    seed_everything(c.train.seed)
-    precision = resolve_precision(c.train.precision, env.device)
-    # Every input is checked before the output directory is touched.
-    require_path(ce.model_config, "cross_encoder.model_config")
-    if ce.checkpoint:
-        require_path(ce.checkpoint, "cross_encoder.checkpoint", "file")
-    if c.model.biencoder_checkpoint:
-        require_path(c.model.biencoder_checkpoint, "model.biencoder_checkpoint", "file")
-    txt_dbs, img_dbs = _open_rank_dbs(c, c.data.train_txt_dbs, c.data.train_img_dbs, "train")
-    val_dbs = None
-    if c.data.val_txt_db and c.data.val_img_db:
-        val_dbs = _open_rank_dbs(c, [c.data.val_txt_db], [c.data.val_img_db], "val")
-    train_set = ItmRankDataset(txt_dbs, img_dbs, ce.negative_size, None, "both", seed=c.train.seed)
-    miner = hard_negative_miner(c, train_set)
-    size_key = "max_tokens" if c.train.batch_size_unit == "tokens" else "batch_size"
-    # No length bucketing here: when every positive caption of a batch has the same length
-    # and the sampled negative captions do not, the ranking loss learns to key on length.
-    sampler = LengthBucketBatchSampler(train_set.lens, seed=c.train.seed, shuffle=True, drop_last=False,
-                                       rank=env.rank, world_size=env.world_size, bucket_batches=1,
-                                       **{size_key: c.train.train_batch_size})
-    loader = ResumableLoader(train_set, sampler, itm_rank_collate, seed=c.train.seed,
-                             num_workers=c.data.n_workers, pin_memory=c.data.pin_mem and env.device.type == "cuda")
-    run = TrainingRun.open(c, env, batches_per_epoch=loader.batches_per_epoch(), resume=resume,
-                           overwrite=overwrite, extra_artifacts=(VAL_RESULTS_FILE,))
-    out = run.out
-    if miner is not None and run.resume_from is None:
-        # Mined once: the bi-encoder is fixed. A resumed run gets the lists from its state.
-        biencoder, _ = load_biencoder(c.model.biencoder_checkpoint, c)
-        miner.mine(biencoder.to(env.device), 0, 0, env, pick_precision("auto", c.train.precision, env.device),
-                   c.train, c.data)
-        del biencoder
-
-    val_loader = None
-    if val_dbs is not None:
-        val_set = ItmRankDataset(*val_dbs, ce.negative_size, None, "both", seed=c.train.seed)
-        val_sampler = LengthBucketBatchSampler(val_set.lens, batch_size=c.train.val_batch_size, shuffle=False,
-                                               rank=env.rank, world_size=env.world_size)
-        val_loader = eval_loader(val_set, itm_rank_collate, val_sampler, c.data.n_workers)
-
-    # The initial model is a function of `train.seed` alone (whether or not mining ran).
-    seed_everything(c.train.seed)
-    model = build_cross_encoder(ce.model_config, dropout=c.model.dropout, rank_loss=ce.rank_loss, margin=ce.margin)
-    if ce.checkpoint:
-        load_cross_encoder_weights(model, ce.checkpoint, allow_biencoder_init=True)
-    else:
-        logger.warning("cross_encoder.checkpoint is not set: training the cross-encoder from random weights")
-    check_vocabulary(model, txt_dbs[0], ce.model_config)
-    model.to(env.device)
-
-    def save(name: str, metrics: Mapping[str, Any], step: int) -> None:
-        if env.is_main:
-            ckpt = make_checkpoint(model, config_to_dict(c), {"step": step, "val": dict(metrics)})
-            atomic_torch_save(ckpt, out / CKPT_DIR / name)
-
-    best = BestCheckpoint("accuracy", lambda metrics, step: save(CROSS_ENCODER_BEST, metrics, step))
-    stateful = {"loader": loader, "best": best, **({"hard_negatives": miner} if miner is not None else {})}
-    trainer = run.trainer(model, precision, stateful)
-    metrics: dict[str, float] = {}
-
-    def validate() -> None:
-        nonlocal metrics
-        if val_loader is not None:
-            metrics = ranking_eval(model, val_loader, env.device, precision, train_set.group_size)
-            trainer.log(metrics, "val")
-        save(CROSS_ENCODER_LAST, metrics, trainer.step)
-        if val_loader is None:
-            save(CROSS_ENCODER_BEST, metrics, trainer.step)  # nothing to compare: the best is the last
-        else:
-            best.update(metrics, trainer.step)
-
-    try:
-        while not trainer.done:
-            micro = [MicroBatch("itm_rank", loader.next_batch()) for _ in range(run.accumulation)]
-            trainer.train_step(micro, _rank_loss)
-            after_update(trainer, c.train, validate)
-    finally:
-        trainer.close()
-    best_summary = {"accuracy": best.value if best.step >= 0 else None, "step": best.step if best.step >= 0 else trainer.step}
-    result = {"step": trainer.step, "val": metrics, "best": best_summary,
-              "checkpoint": str((out / CKPT_DIR / CROSS_ENCODER_BEST).resolve())}
-    if env.is_main:
-        atomic_write_json(out / VAL_RESULTS_FILE, result)
-    return result
-
-
-def _rank_loss(model, batch, task: str) -> dict[str, torch.Tensor]:
-    return {"loss": model(batch)["loss"]}
