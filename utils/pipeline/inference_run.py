@@ -5,7 +5,6 @@ The work behind `inference.py` (its module docstring describes the files written
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import time
@@ -55,18 +54,22 @@ from utils.search.cascade import (
 )
 from utils.search.indexes import (
     DenseIndex,
-    EmbeddingShardWriter,
     build_index,
     index_embeddings,
     index_shards,
-    merge_shards,
-    remove_shards,
     split_index_spec,
 )
 from utils.search.metrics import (
     fold_recall_from_embeddings,
     recall_from_candidates,
     recall_from_embeddings,
+)
+from utils.search.shards import (
+    EmbeddingShardWriter,
+    combine_manifests,
+    merge_shards,
+    remove_shard_dir,
+    remove_shards,
 )
 from utils.search.topk import results_to_lists
 
@@ -130,7 +133,7 @@ def run_inference(config: RunConfig, checkpoint: str, out_dir: str | os.PathLike
             # info.json marks a complete run: drop the old one first so a crash below never
             # leaves a stale marker next to half-replaced files.
             (out / INFO_FILE).unlink(missing_ok=True)
-            _remove_shard_dir(shard_dir)
+            remove_shard_dir(shard_dir)
         barrier()
         embed = _embed_levels if hierarchical else embed_batch
         encoders = {side: functools.partial(embed, model, side=side) for side in ("img", "txt")}
@@ -161,7 +164,7 @@ def run_inference(config: RunConfig, checkpoint: str, out_dir: str | os.PathLike
             for side in sizes for d in dims
         }
         for (side, d), parts in rank_parts.items():
-            merged = _merge_rank_manifests(parts, shard_dir / f"{_shard_prefix(side, d, dim)}-manifest.json")
+            merged = combine_manifests(parts, shard_dir / f"{_shard_prefix(side, d, dim)}-manifest.json")
             merge_shards(merged, out / _emb_file(side, d, dim), sizes[side])
             merged.unlink()
         timing["merge_s"] = time.perf_counter() - t0
@@ -187,7 +190,7 @@ def run_inference(config: RunConfig, checkpoint: str, out_dir: str | os.PathLike
             del index
             for part in parts:
                 remove_shards(part)
-        _remove_shard_dir(shard_dir)
+        remove_shard_dir(shard_dir)
         timing["index_s"] = time.perf_counter() - t0
 
         def level(side: str, d: int) -> np.ndarray:
@@ -276,7 +279,7 @@ def run_inference(config: RunConfig, checkpoint: str, out_dir: str | os.PathLike
         return {**info, "recall": recall}
     except BaseException:
         if env.is_main:
-            _remove_shard_dir(shard_dir)
+            remove_shard_dir(shard_dir)
         raise
     finally:
         shutdown(env)
@@ -352,26 +355,6 @@ def _cascade_report(t2i: Sequence[StageResult], i2t: Sequence[StageResult], txt2
             "recall": _lists_recall(results_to_lists(a.scores, a.ids), results_to_lists(b.scores, b.ids), txt2img),
         })
     return {"stages": stages, "seconds": sum(stage["seconds"] for stage in stages)}
-
-
-def _remove_shard_dir(shard_dir: Path) -> None:
-    """Delete a shard directory (left by a crashed run or this one's merge)."""
-    if shard_dir.is_dir():
-        for stale in shard_dir.iterdir():
-            stale.unlink()
-        shard_dir.rmdir()
-
-
-def _merge_rank_manifests(parts: Sequence[Path], target: Path) -> Path:
-    """One manifest listing the shards of every rank (shard names stay unique per rank)."""
-    shards, total, dim = [], 0, None
-    for part in parts:
-        meta = json.loads(part.read_text())
-        shards += meta["shards"]
-        total += meta["total"]
-        dim = meta["dim"]
-    atomic_write_json(target, {"dim": dim, "total": total, "shards": shards})
-    return target
 
 
 def _tokenizer_path(config: RunConfig) -> str | None:
