@@ -24,15 +24,14 @@ from utils.search.cascade import (
     threshold_topk,
 )
 from utils.search.indexes import (
-    EmbeddingShardWriter,
     FlatIndex,
     build_index,
     index_embeddings,
     index_shards,
     load_index,
-    sample_from_shards,
     train_sample_rows,
 )
+from utils.search.shards import EmbeddingShardWriter, sample_from_shards
 
 DIMS = (8, 16, 32)
 

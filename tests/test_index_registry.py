@@ -7,7 +7,6 @@ import pytest
 from utils.config import load_config
 from utils.search.indexes import (
     INDEX_CLASSES,
-    EmbeddingShardWriter,
     FaissIndex,
     FlatIndex,
     HNSWIndex,
@@ -20,6 +19,7 @@ from utils.search.indexes import (
     register_index,
     split_index_spec,
 )
+from utils.search.shards import EmbeddingShardWriter
 from utils.search.topk import MISSING_ID
 
 

@@ -8,16 +8,14 @@ import pytest
 import torch
 
 from utils.search.indexes import (
-    EmbeddingShardWriter,
     FlatIndex,
     HNSWIndex,
     IVFPQIndex,
     build_index,
     index_embeddings,
     load_index,
-    merge_shards,
-    remove_shards,
 )
+from utils.search.shards import EmbeddingShardWriter, merge_shards, remove_shards
 from utils.search.topk import exact_topk, results_to_lists
 
 # Stated recall of the approximate indexes against exact top-10, on 2,000 Gaussian vectors.

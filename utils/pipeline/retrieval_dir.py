@@ -187,7 +187,7 @@ def encode_split(
         collate_fn: its collate function.
         lengths: per-example length used for sorting (tokens or boxes).
         encode: batch (on device) -> (B, D) embeddings.
-        writer: `utils.search.indexes.EmbeddingShardWriter`.
+        writer: `utils.search.shards.EmbeddingShardWriter`.
         batch_size: examples per batch.
         device: compute device.
         precision: `utils.precision.Precision` (its autocast is used).

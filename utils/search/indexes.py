@@ -1,23 +1,19 @@
-"""Inner-product search: exact top-k in torch, faiss indexes, sharded embedding storage.
+"""faiss indexes: the index types (a registry by name), and building one from an array or shards.
 
-* `exact_topk` is the reference search. It multiplies a block of queries by a block of the
-  corpus and merges each block's top-k into a running top-k, so no more than one
-  (query block x corpus block) score matrix exists at a time. It runs wherever torch runs
-  (CPU, CUDA) in fp32 / fp16 / bf16, and accepts numpy memmaps, so neither side has to fit on
-  the device at once. It never pads: with k > N it returns N columns.
 * `DenseIndex` (after DPR's `DenseIndexer`): `FlatIndex` (exact), `HNSWIndex`, `IVFPQIndex`,
-  `IVFFlatIndex`, with `serialize` / `load_index`. faiss moves Flat / IVF to the GPU when it is a GPU build
-  and a GPU is present; otherwise exact search on a GPU goes through `exact_topk`. faiss marks
-  slots it could not fill with id -1: `DenseIndex.search` keeps that mark (score -inf) and
-  `results_to_lists` drops it; no -1 is ever turned into a real id.
-* `EmbeddingShardWriter` / `merge_shards` / `index_embeddings`: embeddings produced in any
-  order are written as shards of (positions, vectors), merged into one canonical-order .npy
-  through a memmap, and indexed in bounded batches, so a corpus larger than memory works.
+  `IVFFlatIndex`, registered by their config name (`INDEX_CLASSES`, `split_index_spec`,
+  `build_index`), with `serialize` / `load_index`. faiss moves Flat / IVF to the GPU when it
+  is a GPU build and a GPU is present; otherwise exact search on a GPU goes through
+  `utils.search.topk.exact_topk`. faiss marks slots it could not fill with id -1:
+  `DenseIndex.search` keeps that mark (score -inf) and `results_to_lists` drops it; no -1 is
+  ever turned into a real id.
+* `index_embeddings` trains and fills an index from an (N, dim) array or memmap in bounded
+  batches; `index_shards` straight from embedding shards (`utils/search/shards.py`), one
+  shard in memory at a time, so a corpus larger than memory works.
 """
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import math
 import os
@@ -30,8 +26,14 @@ import numpy as np
 import torch
 
 from utils.errors import DataError, MissingPathError
-from utils.files import atomic_output, atomic_write_json
-from utils.search.topk import MISSING_ID, ArrayLike, exact_topk
+from utils.files import atomic_output
+from utils.search.shards import (
+    iter_shards,
+    mark_rows,
+    read_manifests,
+    sample_from_shards,
+)
+from utils.search.topk import MISSING_ID, exact_topk
 
 logger = logging.getLogger(__name__)
 
@@ -569,42 +571,6 @@ def train_sample_rows(num_rows: int, train_size: int = 262144, seed: int = 0) ->
     return np.sort(np.random.default_rng(seed).choice(num_rows, train_size, replace=False))
 
 
-def read_manifests(manifests: Sequence[str | os.PathLike]) -> tuple[int, list[Path]]:
-    """(dim, shard paths) of one or more shard manifests (e.g. one per rank)."""
-    dims, paths = set(), []
-    for manifest in manifests:
-        manifest = Path(manifest)
-        meta = json.loads(manifest.read_text())
-        dims.add(int(meta["dim"]))
-        paths += [manifest.parent / name for name in meta["shards"]]
-    if len(dims) != 1:
-        raise ValueError(f"shard manifests disagree on (or lack) the embedding size: {sorted(dims)}")
-    return dims.pop(), paths
-
-
-def sample_from_shards(manifests: Sequence[str | os.PathLike], rows: np.ndarray) -> np.ndarray:
-    """(len(rows), dim) vectors of the canonical `rows` (sorted, unique), read shard by shard.
-
-    Memory: the sample plus one shard.
-    """
-    dim, paths = read_manifests(manifests)
-    out = np.empty((rows.shape[0], dim), dtype=np.float32)
-    found = np.zeros(rows.shape[0], dtype=bool)
-    if not rows.size:
-        return out
-    for path in paths:
-        with np.load(path) as shard:
-            pos = shard["positions"]
-            slot = np.searchsorted(rows, pos)
-            hit = (slot < rows.shape[0]) & (rows[np.minimum(slot, rows.shape[0] - 1)] == pos)
-            if hit.any():
-                out[slot[hit]] = shard["embeddings"][hit]
-                found[slot[hit]] = True
-    if not found.all():
-        raise ValueError(f"{int((~found).sum())} sampled rows are in no shard (first {rows[~found][:5].tolist()})")
-    return out
-
-
 def index_shards(
     index: DenseIndex,
     manifests: Sequence[str | os.PathLike],
@@ -622,7 +588,8 @@ def index_shards(
 
     Args:
         index: an empty index whose type supports `add_at` (flat on CPU, ivfpq).
-        manifests: shard manifests (`EmbeddingShardWriter.close`), e.g. one per rank.
+        manifests: shard manifests (`utils.search.shards.EmbeddingShardWriter.close`), e.g.
+            one per rank.
         num_rows: rows of the canonical order; every one must be in exactly one shard.
         train_size: rows sampled for training.
         seed: sampling seed.
@@ -632,133 +599,16 @@ def index_shards(
     """
     if not index.can_add_at:
         raise ValueError(f"a {index.kind} index cannot be built from shards; use index_embeddings on the merged array")
-    dim, paths = read_manifests(manifests)
+    dim, _ = read_manifests(manifests)
     if dim != index.dim:
         raise ValueError(f"shards hold {dim}-d vectors, the index is {index.dim}-d")
     if not index.is_trained:
         index.train(sample_from_shards(manifests, train_sample_rows(num_rows, train_size, seed)))
     index.start_add_at(num_rows)
     seen = np.zeros(num_rows, dtype=bool)
-    for path in paths:
-        with np.load(path) as shard:
-            pos, emb = shard["positions"], shard["embeddings"]
-        if pos.size and (pos.min() < 0 or pos.max() >= num_rows):
-            raise ValueError(f"shard {path.name}: positions outside [0, {num_rows})")
-        if seen[pos].any() or np.unique(pos).size != pos.size:
-            raise ValueError(f"shard {path.name}: some rows were already added")
-        seen[pos] = True
+    for path, pos, emb in iter_shards(manifests):
+        mark_rows(seen, pos, path.name, "added")
         index.add_at(pos, emb)
     if not seen.all():
         raise ValueError(f"{int((~seen).sum())} of {num_rows} rows are in no shard")
     return index
-
-
-class EmbeddingShardWriter:
-    """Buffer (position, vector) pairs produced in any order and write them as shards.
-
-    Each shard is `{prefix}-{i:05d}.npz` holding `positions` (int64) and `embeddings`
-    (float32), written atomically; `close` writes `{prefix}-manifest.json` listing them,
-    so a crashed run never leaves a manifest that points at missing or partial shards.
-    """
-
-    def __init__(self, directory: str | os.PathLike, prefix: str, dim: int, shard_size: int = 65536):
-        self.directory = Path(directory)
-        self.prefix = prefix
-        self.dim = dim
-        self.shard_size = shard_size
-        self._positions: list[np.ndarray] = []
-        self._vectors: list[np.ndarray] = []
-        self._buffered = 0
-        self._shards: list[str] = []
-        self._total = 0
-        self.directory.mkdir(parents=True, exist_ok=True)
-
-    def add(self, positions: ArrayLike, vectors: ArrayLike) -> None:
-        """Buffer rows; `positions` are their rows in the final canonical order."""
-        if isinstance(positions, torch.Tensor):
-            positions = positions.detach().cpu().numpy()
-        if isinstance(vectors, torch.Tensor):
-            vectors = vectors.detach().float().cpu().numpy()
-        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
-        vectors = np.asarray(vectors, dtype=np.float32)
-        if vectors.shape != (positions.shape[0], self.dim):
-            raise ValueError(f"expected vectors of shape ({positions.shape[0]}, {self.dim}), got {vectors.shape}")
-        self._positions.append(positions)
-        self._vectors.append(vectors)
-        self._buffered += positions.shape[0]
-        if self._buffered >= self.shard_size:
-            self._flush(final=False)
-
-    def _flush(self, final: bool) -> None:
-        """Write full shards of `shard_size` rows (and the remainder when `final`)."""
-        if not self._buffered:
-            return
-        positions, vectors = np.concatenate(self._positions), np.concatenate(self._vectors)
-        start = 0
-        while positions.shape[0] - start >= self.shard_size or (final and start < positions.shape[0]):
-            stop = start + self.shard_size
-            self._write_shard(positions[start:stop], vectors[start:stop])
-            start = min(stop, positions.shape[0])
-        self._positions, self._vectors = [positions[start:]], [vectors[start:]]
-        self._buffered = positions.shape[0] - start
-
-    def _write_shard(self, positions: np.ndarray, vectors: np.ndarray) -> None:
-        name = f"{self.prefix}-{len(self._shards):05d}.npz"
-        path = self.directory / name
-        with atomic_output(path, suffix=".npz") as tmp:
-            np.savez(tmp, positions=positions, embeddings=vectors)
-        self._shards.append(name)
-        self._total += positions.shape[0]
-
-    def close(self) -> Path:
-        """Write the last shard and the manifest; returns the manifest path."""
-        self._flush(final=True)
-        manifest = self.directory / f"{self.prefix}-manifest.json"
-        atomic_write_json(manifest, {"dim": self.dim, "total": self._total, "shards": self._shards})
-        return manifest
-
-
-def merge_shards(manifest: str | os.PathLike, out_path: str | os.PathLike, num_rows: int) -> Path:
-    """Merge the shards listed in `manifest` into one (num_rows, dim) float32 .npy.
-
-    Rows go to their recorded positions through a memmap, one shard in memory at a time.
-    Every row must be written exactly once; the output appears only when complete.
-
-    Args:
-        manifest: path written by `EmbeddingShardWriter.close`.
-        out_path: the .npy to write (atomically).
-        num_rows: rows of the canonical order.
-
-    Returns:
-        `out_path`.
-    """
-    manifest = Path(manifest)
-    meta = json.loads(manifest.read_text())
-    out_path = Path(out_path)
-    seen = np.zeros(num_rows, dtype=bool)
-    with atomic_output(out_path, suffix=".npy") as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(num_rows, meta["dim"]))
-        for name in meta["shards"]:
-            with np.load(manifest.parent / name) as shard:
-                pos, emb = shard["positions"], shard["embeddings"]
-            if pos.size and (pos.min() < 0 or pos.max() >= num_rows):
-                raise ValueError(f"shard {name}: positions outside [0, {num_rows})")
-            if seen[pos].any() or np.unique(pos).size != pos.size:
-                raise ValueError(f"shard {name}: some rows were already written")
-            out[pos] = emb
-            seen[pos] = True
-        if not seen.all():
-            missing = np.nonzero(~seen)[0]
-            raise ValueError(f"{manifest}: {missing.size} of {num_rows} rows missing (first {missing[:5].tolist()})")
-        out.flush()
-        del out
-    return out_path
-
-
-def remove_shards(manifest: str | os.PathLike) -> None:
-    """Delete the shards listed in `manifest` and the manifest itself."""
-    manifest = Path(manifest)
-    meta = json.loads(manifest.read_text())
-    for name in meta["shards"]:
-        (manifest.parent / name).unlink(missing_ok=True)
-    manifest.unlink()
