@@ -76,18 +76,18 @@ class PretrainModel(nn.Module):
         self,
         backbone: RetrievalModel,
         objectives: Sequence[PretrainObjective],
-        settings: PretrainSettings = PretrainSettings(),
+        settings: PretrainSettings | None = None,
     ) -> None:
         """Attach the heads of every objective in `objectives` that `backbone` can run.
 
         Args:
             backbone: the model being pre-trained (`self.bert`).
             objectives: the registered objectives, in registry order (the heads' order).
-            settings: head sizes and loss options.
+            settings: head sizes and loss options (default `PretrainSettings()`).
         """
         super().__init__()
         self.bert = backbone
-        self.settings = settings
+        self.settings = settings or PretrainSettings()
         self.objectives: dict[str, PretrainObjective] = {}
         for objective in objectives:
             if missing_capabilities(objective, backbone):
@@ -154,7 +154,7 @@ def combine_rows(rows: torch.Tensor, other_cls: torch.Tensor, mode: str) -> torc
 def build_pretrain_model(
     backbone: RetrievalModel,
     objectives: Sequence[PretrainObjective],
-    settings: PretrainSettings = PretrainSettings(),
+    settings: PretrainSettings | None = None,
 ) -> PretrainModel:
     """The pre-training model of `backbone` with the objectives it can run (see `PretrainModel`)."""
     return PretrainModel(backbone, objectives, settings)

@@ -13,16 +13,29 @@ import inference
 import pretrain
 from model.biencoder import BiEncoderConfig
 from model.checkpoint import load_vldeformer_init_file, make_checkpoint
-from model.families import FAMILIES, build_biencoder_from_checkpoint, check_model_section, load_retrieval_model
+from model.families import (
+    FAMILIES,
+    build_biencoder_from_checkpoint,
+    check_model_section,
+    load_retrieval_model,
+)
 from model.state_dicts import CheckpointError
 from model.vldeformer import VLDeformerConfig
 from tests import helpers as ref
 from tests.helpers import TINY_BERT, pretrain_config, randomize_, write_config
 from utils.config import BimodalNegatives, ModelConfig, RunConfig, load_config
 from utils.errors import ConfigError
-from utils.pipeline.model_setup import build_biencoder_for_run, build_pretrain_model_for_run
+from utils.pipeline.model_setup import (
+    build_biencoder_for_run,
+    build_pretrain_model_for_run,
+)
 from utils.pipeline.pretrain_tasks import pretrain_model
-from utils.pipeline.run_config import PRETRAIN, TRAIN_CROSS_ENCODER, TRAIN_ITM, warn_ignored_options
+from utils.pipeline.run_config import (
+    PRETRAIN,
+    TRAIN_CROSS_ENCODER,
+    TRAIN_ITM,
+    warn_ignored_options,
+)
 
 # A small model of every family, from its own config class.
 FAMILY_CONFIGS = {

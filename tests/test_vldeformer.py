@@ -37,9 +37,9 @@ from tests.helpers import (
 from utils.config import load_config
 from utils.engine.training import list_states
 from utils.errors import ConfigError
-from utils.pipeline.run_config import load_run_config
 from utils.pipeline.model_setup import build_biencoder_for_run
 from utils.pipeline.query import Searcher
+from utils.pipeline.run_config import load_run_config
 
 CFG = tiny_bert_config(dropout=0.0)
 IMG_DIM = 24

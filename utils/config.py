@@ -853,7 +853,7 @@ def load_config(
 def _build_run_config(nested: dict[str, Any], source: str) -> RunConfig:
     """The typed, checked `RunConfig` of a nested dict; errors name `source` and the key."""
     kwargs: dict[str, Any] = {}
-    for key, value in nested.items():
+    for key in nested:
         if key not in SECTIONS and key not in TOP_LEVEL_KEYS:
             raise ConfigError(f"{source}: unknown section {key!r}")
     try:

@@ -44,7 +44,7 @@ def check_tasks_supported(backbone: RetrievalModel, tasks: Iterable[str]) -> Non
             )
 
 
-def pretrain_model(backbone: RetrievalModel, settings: PretrainSettings = PretrainSettings()) -> Any:
+def pretrain_model(backbone: RetrievalModel, settings: PretrainSettings | None = None) -> Any:
     """The pre-training model of `backbone`: the heads of every task it can run, in registry order."""
     return build_pretrain_model(backbone, list(PRETRAIN_TASKS.values()), settings)
 
