@@ -6,7 +6,8 @@
 
 Every (dataset, task) pair of `train_datasets` is a stream of batches with a mix ratio. Each
 micro-batch draws its stream by ratio from a generator seeded by (seed, step, micro-batch),
-so every rank draws the same task and a resumed run draws what the uninterrupted one would.
+so every rank draws the same task and a resumed run draws what the uninterrupted one would
+(`utils.pipeline.pretrain_data.StreamMix`).
 Tasks: `itm` (CMR, contrastive), `mlm` (VMLM), `mrfr` and `mrckl` (SMRM). Validation reports
 per-task losses, VMLM accuracy and retrieval recall of the validation datasets that list
 `itm`. Original UNITER / LightningDOT JSON configs load unchanged (batches then count tokens).
@@ -19,17 +20,24 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
-from utils.config import DatasetSpec, RunConfig, add_config_args, require_path
+from utils.config import RunConfig, add_config_args
 from utils.distributed import init_distributed, shutdown
 from utils.engine.run import after_update
-from utils.engine.training import MicroBatch, add_run_args
-from utils.errors import ConfigError, run_cli
+from utils.engine.training import add_run_args
+from utils.errors import run_cli
 from utils.original_programs import LIGHTNINGDOT_PRETRAIN
 from utils.pipeline.model_setup import build_pretrain_model_for_run, check_model_paths
-from utils.pipeline.pretrain_data import build_streams, build_val_data, validate
+from utils.pipeline.pretrain_data import (
+    StreamMix,
+    build_streams,
+    build_val_data,
+    check_dataset_paths,
+    summary,
+    task_loss,
+    validate,
+)
 from utils.pipeline.pretrain_tasks import PRETRAIN_TASKS
 from utils.pipeline.run_config import PRETRAIN, run_config_from_args
 from utils.pipeline.training_run import TrainingRun, save_model
@@ -48,25 +56,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _check_dataset_paths(specs: Sequence[DatasetSpec], key: str) -> None:
-    for i, spec in enumerate(specs):
-        if len(spec.db) != len(spec.img) or not spec.db:
-            raise ConfigError(
-                f"{key}[{i}] ({spec.name!r}): 'db' has {len(spec.db)} entries and 'img' "
-                f"{len(spec.img)}; give one img_db per txt_db (at least one)"
-            )
-        for j, path in enumerate(spec.db):
-            require_path(path, f"{key}[{i}].db[{j}]", "dir")
-        for j, path in enumerate(spec.img):
-            require_path(path, f"{key}[{i}].img[{j}]", "dir")
-
-
 def check_paths(cfg: RunConfig) -> None:
     """Fail before any heavy work, naming the config key whose path is missing."""
-    if not cfg.data.train_datasets:
-        require_path(None, "train_datasets")
-    _check_dataset_paths(cfg.data.train_datasets, "train_datasets")
-    _check_dataset_paths(cfg.data.val_datasets, "val_datasets")
+    check_dataset_paths(cfg)
     check_model_paths(cfg.model, pretrain=True)
 
 
@@ -76,18 +68,6 @@ def build_model(cfg: RunConfig, tasks: Sequence[str] = ()) -> torch.nn.Module:
     of `train.seed` alone."""
     seed_everything(cfg.train.seed)
     return build_pretrain_model_for_run(cfg.model, tasks)
-
-
-def draw_stream(seed: int, step: int, micro: int, ratios: np.ndarray) -> int:
-    """Index of the stream of micro-batch `micro` of update `step`; the same on every rank."""
-    rng = np.random.default_rng([seed, step, micro])
-    return int(rng.choice(len(ratios), p=ratios / ratios.sum()))
-
-
-def pretrain_loss(model: torch.nn.Module, batch: Mapping[str, Any], task: str) -> dict[str, torch.Tensor]:
-    """The task's loss plus its accuracy where it has one."""
-    out = model(batch, task)
-    return {"loss": out["loss"], **PRETRAIN_TASKS[task].train_metrics(out)}
 
 
 def main(
@@ -117,14 +97,12 @@ def main(
         # Pre-training mixes streams by ratio: it has steps, no epochs.
         run = TrainingRun.open(cfg, env, batches_per_epoch=None, resume=args.resume, overwrite=args.overwrite)
         out = run.out
-        streams = build_streams(cfg, env, pin_memory)
-        ratios = np.array([s.ratio for s in streams], dtype=np.float64)
+        mix = StreamMix(build_streams(cfg, env, pin_memory), cfg.train.seed)
         val = build_val_data(cfg, env, pin_memory)
-        logger.info("streams: %s", ", ".join(f"{s.loader.name} x{s.ratio:g}" for s in streams))
+        logger.info("streams: %s", mix.describe())
 
-        model = build_model(cfg, sorted({s.task for s in streams})).to(env.device)
-        trainer = run.trainer(model, precision, {f"stream{i}:{s.loader.name}": s.loader for i, s in enumerate(streams)},
-                              on_step=on_step)
+        model = build_model(cfg, sorted({s.task for s in mix.streams})).to(env.device)
+        trainer = run.trainer(model, precision, mix.stateful(), on_step=on_step)
         val_metrics: dict[str, Any] = {}
 
         def validate_now() -> None:
@@ -132,7 +110,7 @@ def main(
             if val.loaders:
                 val_metrics = validate(model, val, env, precision, cfg)
                 trainer.log(val_metrics, "val")
-                logger.info("step %d: validation %s", trainer.step, _summary(val_metrics))
+                logger.info("step %d: validation %s", trainer.step, summary(val_metrics))
 
         def save() -> None:
             save_model(model, out / CKPT_DIR / f"model_step_{trainer.step}.pt", cfg, {"step": trainer.step}, env)
@@ -140,12 +118,7 @@ def main(
 
         try:
             while not trainer.done:
-                micro_batches = []
-                for micro in range(run.accumulation):
-                    stream = streams[draw_stream(cfg.train.seed, trainer.step, micro, ratios)]
-                    batch = stream.loader.next_batch()
-                    micro_batches.append(MicroBatch(stream.task, batch, stream.loader.describe_last()))
-                trainer.train_step(micro_batches, pretrain_loss)
+                trainer.train_step(mix.micro_batches(trainer.step, run.accumulation), task_loss(PRETRAIN_TASKS))
                 after_update(trainer, cfg.train, validate_now, save)
             save_model(model, out / CKPT_DIR / PRETRAIN_FINAL, cfg, {"step": trainer.step}, env)
         finally:
@@ -153,12 +126,6 @@ def main(
         return {"step": trainer.step, "val": val_metrics}
     finally:
         shutdown(env)
-
-
-def _summary(metrics: Mapping[str, Any]) -> str:
-    parts = [f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)]
-    parts += [f"{k} RSUM {v['rsum']:.1f}" for k, v in metrics.items() if isinstance(v, Mapping)]
-    return ", ".join(parts)
 
 
 if __name__ == "__main__":

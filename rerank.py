@@ -24,19 +24,29 @@ The reranker checkpoint (default `cross_encoder.checkpoint`) is an original UNIT
 state dict, `uniter.*` keys, maybe `gamma`/`beta`; its JSON config from `--reranker_config` or
 `cross_encoder.model_config`) or one of our cross-encoder checkpoints (rebuilt alone).
 
-`train` fine-tunes a cross-encoder for re-ranking, UNITER's ITM ranking recipe: each example
-is one positive pair and `cross_encoder.negative_size` negative images for its caption plus as
-many negative captions for its image, scored jointly and trained with `cross_encoder.rank_loss`
-(`hinge` with `cross_encoder.margin`, or `softmax`). Negatives are sampled uniformly; with
-`retrieval.num_hard_negatives > 0` that many per side come first from the candidates of
-`model.biencoder_checkpoint` (the bi-encoder whose top-M will be re-ranked), chosen by
-`retrieval.hard_negatives_sampling`. It starts from `cross_encoder.checkpoint` (UNITER
-pre-trained or ITM fine-tuned weights, config `cross_encoder.model_config`) and runs on the run
-set-up every trainer shares (`utils/pipeline/training_run.py`, `utils/engine/`: per-rank
-seeds, accumulation, AMP, torchrun / Horovod, exact resume, validate / save cadence, best
-checkpoint by validation ranking accuracy). It writes our cross-encoder checkpoints to
-`OUT/ckpt/cross_encoder.{best,last}.pt` (`utils/pipeline/cross_encoder_training.py` has its data,
-model and evaluation; the loop is here, as in the other two trainers).
+`train` trains a cross-encoder the way UNITER's were, in two modes (`cross_encoder.mode`):
+
+* `pretrain`: UNITER's pre-training objectives on image-caption pairs, on the joint input: ITM
+  with random negatives (`data.itm_negative_prob`), MLM, MRFR, MRC-kl, by the datasets, tasks
+  and mix ratios of `data.train_datasets` (streams mixed as in `pretrain.py`); the best
+  checkpoint by validation ITM accuracy;
+* `rank` (default): ITM ranking fine-tuning. Each example is one positive pair and
+  `cross_encoder.negative_size` negative images for its caption plus as many negative captions
+  for its image, scored jointly and trained with `cross_encoder.rank_loss` (`hinge` with
+  `cross_encoder.margin`, or `softmax`). Negatives are sampled uniformly; with
+  `retrieval.num_hard_negatives > 0` that many per side come first from the candidates of
+  `model.biencoder_checkpoint` (the bi-encoder whose top-M will be re-ranked), chosen by
+  `retrieval.hard_negatives_sampling`; with `cross_encoder.hard_neg_size > 0` the cross-encoder
+  scores the sampled negatives itself at every step and trains on the hardest of each side
+  (UNITER's train_itm_hard_negatives.py). The best checkpoint by validation ranking accuracy.
+
+Both start from `cross_encoder.checkpoint` (UNITER pre-trained or ITM fine-tuned weights, one
+of ours, or a bi-encoder's UNITER image tower; config `cross_encoder.model_config`) and run on
+the run set-up every trainer shares (`utils/pipeline/training_run.py`, `utils/engine/`:
+per-rank seeds, accumulation, AMP, torchrun / Horovod, exact resume, validate / save cadence,
+best checkpoint). They write our cross-encoder checkpoints (the pre-training heads stay in the
+resume state) to `OUT/ckpt/cross_encoder.{best,last}.pt` (`utils/pipeline/cross_encoder_training.py`
+has the data, model and evaluation of each mode; the loop is here, as in the other two trainers).
 """
 from __future__ import annotations
 
@@ -50,18 +60,14 @@ from typing import Any
 from utils.config import add_config_args
 from utils.distributed import init_distributed, shutdown
 from utils.engine.run import BestCheckpoint, after_update
-from utils.engine.training import MicroBatch, add_run_args
+from utils.engine.training import add_run_args
 from utils.errors import ConfigError, run_cli
 from utils.files import atomic_write_json
 from utils.original_programs import UNITER_TRAIN_ITM
 from utils.pipeline.cross_encoder_training import (
-    RANKING_TASK,
-    RankingData,
     build_cross_encoder_for_run,
-    check_model_vocabulary,
     check_training_config,
-    rank_loss,
-    ranking_eval,
+    open_job,
 )
 from utils.pipeline.reranking import RERANKERS, rerank_retrieval_dir
 from utils.pipeline.retrieval_dir import (
@@ -160,11 +166,12 @@ def build_train_parser() -> argparse.ArgumentParser:
 
 
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
-    """ITM ranking fine-tuning of a UNITER cross-encoder (see module docstring).
+    """Train a UNITER cross-encoder: ITM ranking fine-tuning or UNITER's pre-training objectives
+    (`cross_encoder.mode`; see module docstring).
 
     Returns:
-        `{"step", "val", "best": {"accuracy", "step"}, "checkpoint"}` (also written to
-        `OUT/val_results.json`).
+        `{"step", "val", "best": {metric: value, "step"}, "checkpoint"}` (the metric: ranking
+        `accuracy`, or `itm/acc` when pre-training; also written to `OUT/val_results.json`).
     """
     cfg = run_config_from_args(args, UNITER_TRAIN_ITM, TRAIN_CROSS_ENCODER)
     check_training_config(cfg)
@@ -174,44 +181,40 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     precision = resolve_precision(cfg.train.precision, env.device)
     try:
         seed_everything(cfg.train.seed)
-        data = RankingData.open(cfg, env)
+        job = open_job(cfg, env)
         # Every input is checked before the output directory is touched.
-        run = TrainingRun.open(cfg, env, batches_per_epoch=data.loader.batches_per_epoch(), resume=args.resume,
+        run = TrainingRun.open(cfg, env, batches_per_epoch=job.batches_per_epoch, resume=args.resume,
                                overwrite=args.overwrite, extra_artifacts=(VAL_RESULTS_FILE,))
-        if data.miner is not None and run.resume_from is None:
-            # Mined once: the bi-encoder is fixed. A resumed run gets the lists from its state.
-            data.mine_with_biencoder(cfg, env)
-        model = build_cross_encoder_for_run(cfg)
-        check_model_vocabulary(model, data, cfg)
-        model.to(env.device)
+        job.prepare(fresh=run.resume_from is None)
+        cross_encoder = build_cross_encoder_for_run(cfg)
+        model = job.training_model(cross_encoder).to(env.device)
 
         def save(name: str, metrics: Mapping[str, Any], step: int) -> None:
-            save_model(model, run.out / CKPT_DIR / name, cfg, {"step": step, "val": dict(metrics)}, env)
+            # The cross-encoder alone (pre-training heads stay in the resume state).
+            save_model(cross_encoder, run.out / CKPT_DIR / name, cfg, {"step": step, "val": dict(metrics)}, env)
 
-        best = BestCheckpoint("accuracy", lambda metrics, step: save(CROSS_ENCODER_BEST, metrics, step))
-        stateful = {"loader": data.loader, "best": best, **({"hard_negatives": data.miner} if data.miner else {})}
-        trainer = run.trainer(model, precision, stateful)
-        metrics: dict[str, float] = {}
+        best = BestCheckpoint(job.best_metric, lambda metrics, step: save(CROSS_ENCODER_BEST, metrics, step))
+        trainer = run.trainer(model, precision, {**job.stateful(), "best": best})
+        metrics: dict[str, Any] = {}
 
         def validate() -> None:
             nonlocal metrics
-            if data.val_loader is not None:
-                metrics = ranking_eval(model, data.val_loader, env.device, precision, data.train_set.group_size)
+            metrics = job.evaluate(model, precision)
+            if metrics:
                 trainer.log(metrics, "val")
             save(CROSS_ENCODER_LAST, metrics, trainer.step)
-            if data.val_loader is None:
-                save(CROSS_ENCODER_BEST, metrics, trainer.step)  # nothing to compare: the best is the last
-            else:
+            if job.best_metric in metrics:
                 best.update(metrics, trainer.step)
+            else:
+                save(CROSS_ENCODER_BEST, metrics, trainer.step)  # nothing to compare: the best is the last
 
         try:
             while not trainer.done:
-                micro = [MicroBatch(RANKING_TASK, data.loader.next_batch()) for _ in range(run.accumulation)]
-                trainer.train_step(micro, rank_loss)
+                trainer.train_step(job.micro_batches(trainer.step, run.accumulation), job.loss)
                 after_update(trainer, cfg.train, validate)
         finally:
             trainer.close()
-        best_summary = {"accuracy": best.value if best.step >= 0 else None,
+        best_summary = {job.best_metric: best.value if best.step >= 0 else None,
                         "step": best.step if best.step >= 0 else trainer.step}
         result = {"step": trainer.step, "val": metrics, "best": best_summary,
                   "checkpoint": str((run.out / CKPT_DIR / CROSS_ENCODER_BEST).resolve())}

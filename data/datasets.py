@@ -465,6 +465,41 @@ def smrm_collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "txt_ids": [it["txt_id"] for it in items], "img_names": [it["img_name"] for it in items]}
 
 
+class ItmDataset(_CaptionImageDataset):
+    """UNITER's ITM pre-training examples: a caption with its image (label 1) or, with
+    probability ``neg_prob``, with another image of the same databases (label 0)."""
+
+    def __init__(self, txt_dbs: Sequence[TxtDb], img_dbs: Sequence[ImgDb],
+                 neg_prob: float = 0.5, seed: int = 0) -> None:
+        super().__init__(txt_dbs, img_dbs)
+        if not 0.0 <= neg_prob <= 1.0:
+            raise ValueError(f"neg_prob must lie in [0, 1], got {neg_prob}")
+        self.neg_prob, self.seed, self.epoch = neg_prob, seed, 0
+        self._img_pools = [list(dict.fromkeys(t.txt2img.values())) for t in self.txt_dbs]
+        self._img_pool_sets = [set(p) for p in self._img_pools]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch whose negatives ``__getitem__`` draws."""
+        self.epoch = epoch
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        k, txt_id = self._examples[i]
+        name = self.img_names[i]
+        rng = item_rng(self.seed, self.epoch, i)
+        label = 1
+        if rng.random() < self.neg_prob:
+            name = _sample_excluding(self._img_pools[k], self._img_pool_sets[k], {name}, 1, rng, "images")[0]
+            label = 0
+        feat, pos = self._image(k, name)
+        return {"txt_id": txt_id, "input_ids": self._text(k, txt_id), "img_name": name,
+                "img_feat": feat, "img_pos": pos, "label": label}
+
+
+def itm_collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Batch ``{txt, img, labels, txt_ids, img_names}``: `pair_collate` plus the 1 / 0 labels."""
+    return {**pair_collate(items), "labels": torch.tensor([it["label"] for it in items], dtype=torch.long)}
+
+
 class ImageEvalDataset(Dataset):
     """Images of an evaluation split, in the given (canonical) order."""
 

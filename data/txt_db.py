@@ -75,8 +75,10 @@ class TxtDb:
         meta: the content of ``meta.json``.
     """
 
-    def __init__(self, db_dir: str, max_txt_len: int = -1) -> None:
-        """Opens ``db_dir``; ``max_txt_len`` keeps ids with ``len <= max_txt_len`` (-1: all)."""
+    def __init__(self, db_dir: str, max_txt_len: int = -1, num_images: int = 0) -> None:
+        """Opens ``db_dir``; ``max_txt_len`` keeps ids with ``len <= max_txt_len`` (-1: all);
+        ``num_images`` > 0 keeps the first that many images of ``img_order`` and only their
+        captions (an evaluation subset; 0: every image)."""
         self.db_dir = require_lmdb_dir(db_dir, "txt_db")
         self.max_txt_len = max_txt_len
         id2len: dict[str, int] = _load_json(self.db_dir, "id2len.json")
@@ -84,19 +86,22 @@ class TxtDb:
             self.ids = list(id2len)
         else:
             self.ids = [i for i, n in id2len.items() if n <= max_txt_len]
-        self.lens = [id2len[i] for i in self.ids]
 
         txt2img_all: dict[str, str] = _load_json(self.db_dir, "txt2img.json")
         missing = [i for i in self.ids if i not in txt2img_all]
         if missing:
             raise DataError(f"txt_db {self.db_dir}: caption id {missing[0]!r} of id2len.json "
                             f"is missing from txt2img.json ({len(missing)} ids missing)")
-        self.txt2img = {i: txt2img_all[i] for i in self.ids}
-
         img2txts_all: dict[str, list[str]] = _load_json(self.db_dir, "img2txts.json")
-        kept = set(self.ids)
         self.img_order = list(img2txts_all)
-        self.img2txts = {img: [t for t in txts if t in kept] for img, txts in img2txts_all.items()}
+        if num_images > 0:
+            self.img_order = self.img_order[:num_images]
+            chosen = set(self.img_order)
+            self.ids = [i for i in self.ids if txt2img_all[i] in chosen]
+        self.lens = [id2len[i] for i in self.ids]
+        self.txt2img = {i: txt2img_all[i] for i in self.ids}
+        kept = set(self.ids)
+        self.img2txts = {img: [t for t in img2txts_all[img] if t in kept] for img in self.img_order}
         self.meta: dict[str, Any] = _load_json(self.db_dir, "meta.json")
 
     def __len__(self) -> int:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.formats import CROSS_ENCODER_FORMAT
+from model.retrieval import JOINT_STATES
 from model.losses import hinge_ranking_loss, softmax_ranking_loss
 from model.packed import DEFAULT_EXECUTION, check_execution, packable
 from model.towers import (
@@ -80,6 +81,8 @@ class UniterCrossEncoder(nn.Module):
     """Scores (caption, image) pairs jointly: `[CLS] ids [SEP]` + regions through UNITER."""
 
     checkpoint_format = CROSS_ENCODER_FORMAT
+    # UNITER's pre-training objectives run on its joint states (`model/retrieval.py`).
+    capabilities = frozenset({JOINT_STATES})
 
     def __init__(self, config: CrossEncoderConfig) -> None:
         super().__init__()
@@ -107,6 +110,44 @@ class UniterCrossEncoder(nn.Module):
     def checkpoint_config(self) -> dict[str, Any]:
         """The model config stored in our checkpoints."""
         return self.config.to_dict()
+
+    def provides(self, capability: str) -> bool:
+        """Whether the model implements the optional interface `capability`."""
+        return capability in self.capabilities
+
+    # ------------------------------------------------------------ joint states (JOINT_STATES)
+
+    def joint_hidden(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        img_feat: torch.Tensor,
+        img_pos: torch.Tensor,
+        img_mask: torch.Tensor,
+        img_masked: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, L + N, H) last-layer states of `[CLS] ids [SEP]` (positions 0..L-1, padded)
+        followed by the N regions; `img_masked` regions get the mask embedding (SMRM)."""
+        return self.uniter(input_ids, attention_mask, img_feat, img_pos, img_mask, img_masked)
+
+    def itm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, 2) ITM logits (no match, match) of `joint_hidden` states; column 1 is `score`'s."""
+        return self.itm_output(self.uniter.pooler(hidden))
+
+    def head_configs(self) -> tuple[Any, Any]:
+        """(text, image) BERT configs the pre-training heads are sized from: UNITER's, twice."""
+        config = build_bert_config(self.config.bert_config)
+        return config, config
+
+    @property
+    def tied_word_embeddings(self) -> nn.Parameter:
+        """The word embeddings the MLM decoder shares."""
+        return self.uniter.embeddings.word_embeddings.weight
+
+    @property
+    def tied_region_projection(self) -> nn.Parameter:
+        """`img_linear.weight`, which MRFR regresses through."""
+        return self.uniter.img_embeddings.img_linear.weight
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         """The weights stored in our checkpoints, `rank_output` re-tied first."""

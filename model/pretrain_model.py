@@ -1,10 +1,12 @@
-"""The pre-training model: a bi-encoder (`bert`) plus the heads of its pre-training objectives.
+"""The pre-training model: a backbone (`bert`) plus the heads of its pre-training objectives.
 
-The objectives themselves (data, head, forward and loss of CMR, VMLM, MRFR, MRC-kl) are the
-registry entries of `utils/pipeline/pretrain_tasks/`; this module only holds them together and
-dispatches `forward(batch, task)` to the task's own forward. Every objective the bi-encoder can
-run (its family provides what the objective `needs`, `model/retrieval.py` capabilities) is
-attached, in registry order, whatever the run trains, so a checkpoint always holds the same heads.
+The backbone is a bi-encoder (LightningDOT pre-training: CMR, VMLM, MRFR, MRC-kl) or the UNITER
+cross-encoder (UNITER's ITM, MLM and region objectives on the joint input). The objectives
+themselves (data, head, forward and loss) are the registry entries of
+`utils/pipeline/pretrain_tasks/`; this module only holds them together and dispatches
+`forward(batch, task)` to the task's own forward. Every objective the backbone can run (it
+provides what the objective `needs`, `model/retrieval.py` capabilities) is attached, in registry
+order, whatever the run trains, so a checkpoint always holds the same heads.
 
 Attribute names reproduce the original `model_step_N.pt` keys: `bert` (the bi-encoder),
 `cls.predictions.*`, `feat_regress.*`, `region_classifier.*` (each objective names its head's
@@ -24,7 +26,6 @@ import torch
 from torch import nn
 
 from model.formats import PRETRAIN_FORMAT
-from model.retrieval import RetrievalModel
 from utils.region_features import NUM_LABELS
 
 
@@ -40,6 +41,16 @@ class PretrainSettings:
 
     img_label_dim: int = NUM_LABELS
     mask_duplicates: bool = True
+
+
+class PretrainBackbone(Protocol):
+    """What the pre-training model needs of its backbone (a `RetrievalModel` or the cross-encoder)."""
+
+    execution: str
+
+    def provides(self, capability: str) -> bool: ...
+
+    def checkpoint_config(self) -> dict[str, Any]: ...
 
 
 class PretrainObjective(Protocol):
@@ -58,7 +69,7 @@ class PretrainObjective(Protocol):
         """Loss and metric counts of one batch of this objective."""
 
 
-def missing_capabilities(objective: PretrainObjective, backbone: RetrievalModel) -> list[str]:
+def missing_capabilities(objective: PretrainObjective, backbone: PretrainBackbone) -> list[str]:
     """The capabilities `objective` needs that `backbone`'s family does not provide."""
     return sorted(c for c in objective.needs if not backbone.provides(c))
 
@@ -74,7 +85,7 @@ class PretrainModel(nn.Module):
 
     def __init__(
         self,
-        backbone: RetrievalModel,
+        backbone: PretrainBackbone,
         objectives: Sequence[PretrainObjective],
         settings: PretrainSettings | None = None,
     ) -> None:
@@ -152,7 +163,7 @@ def combine_rows(rows: torch.Tensor, other_cls: torch.Tensor, mode: str) -> torc
 
 
 def build_pretrain_model(
-    backbone: RetrievalModel,
+    backbone: PretrainBackbone,
     objectives: Sequence[PretrainObjective],
     settings: PretrainSettings | None = None,
 ) -> PretrainModel:

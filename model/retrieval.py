@@ -33,6 +33,9 @@ from model.formats import BIENCODER_FORMAT
 # Per-token last-layer states of both sides plus the weights the pre-training heads tie to
 # (`TokenStates` below): what VMLM and SMRM need beyond the embeddings.
 TOKEN_STATES = "token_states"
+# The cross-encoder's joint states over caption + regions and its ITM head (UNITER's
+# pre-training: ITM, MLM and the region objectives on the joint input).
+JOINT_STATES = "joint_states"
 
 
 class StoredConfig(Protocol):

@@ -14,7 +14,7 @@ from utils.distributed import init_distributed
 from utils.engine.training import list_states, read_metrics
 from utils.errors import ConfigError
 from utils.pipeline.model_setup import build_pretrain_model_from_checkpoint
-from utils.pipeline.pretrain_data import dataset_tasks
+from utils.pipeline.pretrain_data import dataset_tasks, draw_stream
 from utils.precision import resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,11 +98,11 @@ def test_kill_and_resume_gives_identical_losses(tiny_data, tiny_models, tmp_path
 
 def test_task_draws_follow_the_ratios_and_the_seed():
     ratios = np.array([16, 8, 4, 4], dtype=float)
-    draws = [pretrain.draw_stream(42, step, 0, ratios) for step in range(8000)]
+    draws = [draw_stream(42, step, 0, ratios) for step in range(8000)]
     freq = np.bincount(draws, minlength=4) / len(draws)
     np.testing.assert_allclose(freq, ratios / ratios.sum(), atol=0.02)
-    assert draws[:50] == [pretrain.draw_stream(42, step, 0, ratios) for step in range(50)]
-    assert draws[:50] != [pretrain.draw_stream(43, step, 0, ratios) for step in range(50)]
+    assert draws[:50] == [draw_stream(42, step, 0, ratios) for step in range(50)]
+    assert draws[:50] != [draw_stream(43, step, 0, ratios) for step in range(50)]
 
 
 @pytest.mark.parametrize("path", ORIGINAL_CONFIGS, ids=lambda p: p.name)

@@ -259,6 +259,9 @@ class DataConfig:
     max_txt_len: int = 60
     mask_prob: float = 0.15
     mrm_prob: float = 0.15
+    # The cross-encoder's ITM pre-training (`rerank.py train`, cross_encoder.mode pretrain):
+    # share of examples whose image is replaced by another (UNITER's itm_neg_prob).
+    itm_negative_prob: float = 0.5
     n_workers: int = 2
     pin_mem: bool = True
     # CMR batches: `distinct` samples no image twice in a batch; `mask` lets duplicates in
@@ -339,6 +342,9 @@ class RetrievalConfig:
     # COCO 1K protocol: average over 5 folds of 1,000 images.
     coco_1k: bool = False
     eval_split: Literal["val", "test"] = "test"
+    # Evaluate the first N images of the split (canonical order) and their captions only; 0 = all.
+    # A fixed subset where ranking all pairs with a cross-encoder would cost too much.
+    eval_images: int = 0
     # Coarse-to-fine retrieval over a hierarchical model's levels (utils/search/cascade.py):
     # [{dim: 64, keep: 1000}, {dim: 256, keep: 100}, {dim: 768, keep: 20}] searches the index
     # of the first level, then re-scores the kept candidates exactly at each next level;
@@ -355,6 +361,8 @@ class RetrievalConfig:
         self.cascade = [CascadeStage.from_config(s, f"retrieval.cascade[{i}]") if isinstance(s, Mapping) else s
                         for i, s in enumerate(self.cascade)]
         check_cascade(self.cascade, self.top_k)
+        if self.eval_images < 0:
+            raise ConfigError(f"retrieval.eval_images must be >= 0 (0: every image), got {self.eval_images}")
         if self.index_train_size < 2:
             raise ConfigError(f"retrieval.index_train_size must be at least 2, got {self.index_train_size}")
         if not self.exact_recall:
@@ -392,10 +400,23 @@ class CrossEncoderConfig:
     # Hinge margin of the `hinge` ranking loss.
     margin: float = 0.2
     rank_loss: Literal["hinge", "softmax"] = "softmax"
+    # What `rerank.py train` does: `rank`, ITM ranking fine-tuning (UNITER's train_itm.py);
+    # `pretrain`, UNITER's pre-training objectives on image-caption pairs (the datasets and tasks
+    # of data.train_datasets: itm, mlm, mrfr, mrckl on the joint input).
+    mode: Literal["rank", "pretrain"] = "rank"
+    # Hard negatives the cross-encoder mines itself (UNITER's train_itm_hard_negatives.py): when
+    # > 0, the current model scores the `negative_size` sampled negatives of each side and the
+    # training step takes the `hard_neg_size` highest-scored of each side. 0: all of them.
+    hard_neg_size: int = 0
 
     def __post_init__(self) -> None:
         if self.negative_size < 1:
             raise ConfigError(f"cross_encoder.negative_size must be at least 1, got {self.negative_size}")
+        if not 0 <= self.hard_neg_size <= self.negative_size:
+            raise ConfigError(
+                f"cross_encoder.hard_neg_size must lie in [0, negative_size = {self.negative_size}] (the "
+                f"hardest of the sampled negatives), got {self.hard_neg_size}"
+            )
         if self.margin < 0:
             raise ConfigError(f"cross_encoder.margin must be >= 0, got {self.margin}")
 

@@ -1,11 +1,18 @@
-"""What `rerank.py train` needs to train a UNITER cross-encoder (the loop is the entry point's).
+"""What `rerank.py train` needs to train a UNITER cross-encoder (the loops are the entry point's).
 
-UNITER's ITM ranking recipe: each example is one positive pair plus `cross_encoder.negative_size`
-negative images for its caption and as many negative captions for its image, scored jointly and
-trained with `cross_encoder.rank_loss`. Negatives are sampled uniformly; with
-`retrieval.num_hard_negatives > 0` that many per side come first from the candidates of
-`model.biencoder_checkpoint` (the bi-encoder whose top-M the re-ranker will see). Validation is
-the share of held-out groups whose positive scores above all its negatives.
+Two modes (`cross_encoder.mode`), UNITER's two stages:
+
+* `pretrain`: UNITER's pre-training objectives on image-caption pairs (ITM with random
+  negatives, MLM, MRFR, MRC-kl on the joint input; `utils/pipeline/pretrain_tasks/joint.py`),
+  streams mixed by ratio as in `pretrain.py`;
+* `rank`: ITM ranking fine-tuning. Each example is one positive pair plus
+  `cross_encoder.negative_size` negative images for its caption and as many negative captions
+  for its image, scored jointly and trained with `cross_encoder.rank_loss`. Negatives are
+  sampled uniformly; with `retrieval.num_hard_negatives > 0` that many per side come first from
+  the candidates of `model.biencoder_checkpoint` (the bi-encoder whose top-M the re-ranker will
+  see); with `cross_encoder.hard_neg_size > 0` the cross-encoder scores the sampled negatives
+  itself and trains on the hardest (UNITER's hard-negative recipe). Validation is the share of
+  held-out groups whose positive scores above all its negatives.
 """
 from __future__ import annotations
 
@@ -21,10 +28,22 @@ from data.samplers import LengthBucketBatchSampler
 from model.checkpoint import load_cross_encoder_weights
 from model.cross_encoder import build_cross_encoder
 from utils.config import RunConfig, require_path
-from utils.distributed import DistEnv, all_reduce
-from utils.engine.training import ResumableLoader, eval_loader, to_device
+from utils.distributed import DistEnv, all_reduce, unwrap_model
+from utils.engine.training import MicroBatch, ResumableLoader, eval_loader, to_device
 from utils.errors import ConfigError
 from utils.pipeline.evaluation import HardNegativeMiner, open_img_db, open_txt_db
+from utils.pipeline.pretrain_data import (
+    StreamMix,
+    build_streams,
+    build_val_data,
+    check_dataset_paths,
+    task_loss,
+    validate,
+)
+from utils.pipeline.pretrain_tasks import (
+    CROSS_ENCODER_TASKS,
+    cross_encoder_pretrain_model,
+)
 from utils.pipeline.reranking import check_vocabulary
 from utils.pipeline.retrieval_dir import load_biencoder, pick_precision
 from utils.rng import seed_everything
@@ -40,7 +59,9 @@ def check_training_config(config: RunConfig) -> None:
     if not config.cross_encoder.model_config:
         raise ConfigError("cross_encoder.model_config (the UNITER JSON config of the cross-encoder) is not set")
     data = config.data
-    if not data.train_txt_dbs or len(data.train_txt_dbs) != len(data.train_img_dbs):
+    if config.cross_encoder.mode == "pretrain":
+        check_dataset_paths(config)
+    elif not data.train_txt_dbs or len(data.train_txt_dbs) != len(data.train_img_dbs):
         raise ConfigError(
             f"data.train_txt_dbs ({len(data.train_txt_dbs)}) and data.train_img_dbs "
             f"({len(data.train_img_dbs)}) must name the same, non-zero number of databases"
@@ -82,54 +103,122 @@ def _open_dbs(config: RunConfig, txt_paths: Sequence[str], img_paths: Sequence[s
     return txt, img
 
 
-@dataclass
-class RankingData:
-    """The training and validation data of a cross-encoder run.
+class RankingJob:
+    """`rank` mode: ITM ranking groups, the bi-encoder's mined negatives, ranking accuracy.
 
     Attributes:
         train_set: the ITM ranking examples of the training databases.
         loader: its resumable loader (this rank's share).
         miner: the bi-encoder's hard negatives, or None (sampled negatives only).
         val_loader: ranking groups of the validation split, or None without one.
+        loss: the trainer's loss function (on every sampled negative, or on the hardest).
     """
 
-    train_set: ItmRankDataset
-    loader: ResumableLoader
-    miner: HardNegativeMiner | None
-    val_loader: torch.utils.data.DataLoader | None
+    best_metric = "accuracy"
 
-    @classmethod
-    def open(cls, config: RunConfig, env: DistEnv) -> RankingData:
+    def __init__(self, config: RunConfig, env: DistEnv) -> None:
         """Open the databases and build the datasets, loaders and miner of `config`."""
         c, ce = config, config.cross_encoder
+        self.config, self.env = config, env
         txt_dbs, img_dbs = _open_dbs(c, c.data.train_txt_dbs, c.data.train_img_dbs, "train")
         val_dbs = None
         if c.data.val_txt_db and c.data.val_img_db:
             val_dbs = _open_dbs(c, [c.data.val_txt_db], [c.data.val_img_db], "val")
-        train_set = ItmRankDataset(txt_dbs, img_dbs, ce.negative_size, None, "both", seed=c.train.seed)
-        miner = hard_negative_miner(c, train_set)
+        self.train_set = ItmRankDataset(txt_dbs, img_dbs, ce.negative_size, None, "both", seed=c.train.seed)
+        self.miner = hard_negative_miner(c, self.train_set)
         size_key = "max_tokens" if c.train.batch_size_unit == "tokens" else "batch_size"
         # No length bucketing here: when every positive caption of a batch has the same length
         # and the sampled negative captions do not, the ranking loss learns to key on length.
-        sampler = LengthBucketBatchSampler(train_set.lens, seed=c.train.seed, shuffle=True, drop_last=False,
+        sampler = LengthBucketBatchSampler(self.train_set.lens, seed=c.train.seed, shuffle=True, drop_last=False,
                                            rank=env.rank, world_size=env.world_size, bucket_batches=1,
                                            **{size_key: c.train.train_batch_size})
-        loader = ResumableLoader(train_set, sampler, itm_rank_collate, seed=c.train.seed,
-                                 num_workers=c.data.n_workers,
-                                 pin_memory=c.data.pin_mem and env.device.type == "cuda")
-        val_loader = None
+        self.loader = ResumableLoader(self.train_set, sampler, itm_rank_collate, seed=c.train.seed,
+                                      num_workers=c.data.n_workers,
+                                      pin_memory=c.data.pin_mem and env.device.type == "cuda")
+        self.val_loader = None
         if val_dbs is not None:
             val_set = ItmRankDataset(*val_dbs, ce.negative_size, None, "both", seed=c.train.seed)
             val_sampler = LengthBucketBatchSampler(val_set.lens, batch_size=c.train.val_batch_size, shuffle=False,
                                                    rank=env.rank, world_size=env.world_size)
-            val_loader = eval_loader(val_set, itm_rank_collate, val_sampler, c.data.n_workers)
-        return cls(train_set, loader, miner, val_loader)
+            self.val_loader = eval_loader(val_set, itm_rank_collate, val_sampler, c.data.n_workers)
+        self.loss = HardNegativeLoss(ce.negative_size, ce.hard_neg_size) if ce.hard_neg_size else rank_loss
 
-    def mine_with_biencoder(self, config: RunConfig, env: DistEnv) -> None:
-        """Mine the hard negatives once with `model.biencoder_checkpoint` (fixed for the run)."""
-        biencoder, _ = load_biencoder(config.model.biencoder_checkpoint, config)
-        precision = pick_precision("auto", config.train.precision, env.device)
-        self.miner.mine(biencoder.to(env.device), 0, 0, env, precision, config.train, config.data)
+    @property
+    def batches_per_epoch(self) -> int | None:
+        """Micro-batches of one epoch on this rank."""
+        return self.loader.batches_per_epoch()
+
+    def prepare(self, fresh: bool) -> None:
+        """Mine the bi-encoder's hard negatives once, in a fresh run (`model.biencoder_checkpoint`
+        is fixed; a resumed run gets the lists from its state)."""
+        if self.miner is not None and fresh:
+            biencoder, _ = load_biencoder(self.config.model.biencoder_checkpoint, self.config)
+            precision = pick_precision("auto", self.config.train.precision, self.env.device)
+            self.miner.mine(biencoder.to(self.env.device), 0, 0, self.env, precision, self.config.train,
+                            self.config.data)
+
+    def training_model(self, cross_encoder: torch.nn.Module) -> torch.nn.Module:
+        """The module the trainer trains: the cross-encoder itself."""
+        check_vocabulary(cross_encoder, self.train_set.txt_dbs[0], self.config.cross_encoder.model_config)
+        return cross_encoder
+
+    def stateful(self) -> dict[str, Any]:
+        """What rides in the resume state: the loader position and the mined negatives."""
+        return {"loader": self.loader, **({"hard_negatives": self.miner} if self.miner is not None else {})}
+
+    def micro_batches(self, step: int, accumulation: int) -> list[MicroBatch]:
+        """The next `accumulation` ranking batches."""
+        return [MicroBatch(RANKING_TASK, self.loader.next_batch()) for _ in range(accumulation)]
+
+    def evaluate(self, model: torch.nn.Module, precision: Any) -> dict[str, float]:
+        """Ranking loss and accuracy on the validation groups ({} without a validation split)."""
+        if self.val_loader is None:
+            return {}
+        return ranking_eval(model, self.val_loader, self.env.device, precision, self.train_set.group_size)
+
+
+class PretrainingJob:
+    """`pretrain` mode: UNITER's objectives on the joint input, streams mixed by ratio."""
+
+    best_metric = "itm/acc"
+    batches_per_epoch = None  # streams are mixed by ratio: steps, no epochs
+
+    def __init__(self, config: RunConfig, env: DistEnv) -> None:
+        """Open the datasets of `data.train_datasets` / `val_datasets` with the joint tasks."""
+        self.config, self.env = config, env
+        pin_memory = config.data.pin_mem and env.device.type == "cuda"
+        self.mix = StreamMix(build_streams(config, env, pin_memory, CROSS_ENCODER_TASKS), config.train.seed)
+        self.val = build_val_data(config, env, pin_memory, CROSS_ENCODER_TASKS)
+        self.loss = task_loss(CROSS_ENCODER_TASKS)
+        logger.info("streams: %s", self.mix.describe())
+
+    def prepare(self, fresh: bool) -> None:
+        """Nothing to mine."""
+
+    def training_model(self, cross_encoder: torch.nn.Module) -> torch.nn.Module:
+        """The cross-encoder with the heads of the joint tasks."""
+        check_vocabulary(cross_encoder, self.mix.streams[0].loader.dataset.txt_dbs[0],
+                         self.config.cross_encoder.model_config)
+        return cross_encoder_pretrain_model(cross_encoder)
+
+    def stateful(self) -> dict[str, Any]:
+        """What rides in the resume state: the streams' positions."""
+        return self.mix.stateful()
+
+    def micro_batches(self, step: int, accumulation: int) -> list[MicroBatch]:
+        """The micro-batches of update `step`, each from a stream drawn by ratio."""
+        return self.mix.micro_batches(step, accumulation)
+
+    def evaluate(self, model: torch.nn.Module, precision: Any) -> dict[str, Any]:
+        """Per-task validation losses and accuracies ({} without validation datasets)."""
+        if not self.val.loaders:
+            return {}
+        return validate(model, self.val, self.env, precision, self.config, CROSS_ENCODER_TASKS)
+
+
+def open_job(config: RunConfig, env: DistEnv) -> RankingJob | PretrainingJob:
+    """The training job of `cross_encoder.mode`."""
+    return PretrainingJob(config, env) if config.cross_encoder.mode == "pretrain" else RankingJob(config, env)
 
 
 def build_cross_encoder_for_run(config: RunConfig) -> torch.nn.Module:
@@ -144,11 +233,6 @@ def build_cross_encoder_for_run(config: RunConfig) -> torch.nn.Module:
     else:
         logger.warning("cross_encoder.checkpoint is not set: training the cross-encoder from random weights")
     return model
-
-
-def check_model_vocabulary(model: torch.nn.Module, data: RankingData, config: RunConfig) -> None:
-    """Refuse training data whose token ids the cross-encoder's vocabulary lacks."""
-    check_vocabulary(model, data.train_set.txt_dbs[0], config.cross_encoder.model_config)
 
 
 def ranking_eval(model: torch.nn.Module, loader: Any, device: torch.device, precision: Any,
@@ -175,3 +259,66 @@ def ranking_eval(model: torch.nn.Module, loader: Any, device: torch.device, prec
 def rank_loss(model: torch.nn.Module, batch: Mapping[str, Any], task: str) -> dict[str, torch.Tensor]:
     """The configured ranking loss of a batch of groups (the `Trainer`'s loss function)."""
     return {"loss": model(batch)["loss"]}
+
+
+def hardest_rows(scores: torch.Tensor, group_size: int, negative_size: int, hard_size: int) -> torch.Tensor:
+    """Rows of a batch of ranking groups to train on: per group, the positive, then its
+    `hard_size` highest-scored negative images, then its `hard_size` highest-scored captions.
+
+    Args:
+        scores: (G * group_size,) scores of the rows; each group is the positive, then
+            `negative_size` negative images, then `negative_size` negative captions.
+        group_size: `1 + 2 * negative_size`.
+        negative_size: the sampled negatives of each side.
+        hard_size: how many of each side to keep.
+
+    Returns:
+        (G * (1 + 2 * hard_size),) row indices into the batch, group after group.
+    """
+    if group_size != 1 + 2 * negative_size or not 0 < hard_size <= negative_size:
+        raise ValueError(f"groups of {group_size} rows cannot keep the {hard_size} hardest of "
+                         f"{negative_size} negatives per side")
+    grouped = scores.reshape(-1, group_size)
+    images = grouped[:, 1:1 + negative_size].topk(hard_size, dim=1).indices + 1
+    captions = grouped[:, 1 + negative_size:].topk(hard_size, dim=1).indices + 1 + negative_size
+    positives = torch.zeros_like(images[:, :1])
+    local = torch.cat([positives, images, captions], dim=1)
+    offsets = torch.arange(grouped.shape[0], device=scores.device).unsqueeze(1) * group_size
+    return (local + offsets).reshape(-1)
+
+
+def take_rows(batch: Mapping[str, Any], rows: torch.Tensor, group_size: int) -> dict[str, Any]:
+    """The rows `rows` of a ranking batch (`itm_rank_collate` layout), as groups of `group_size`."""
+    listed = rows.tolist()
+    txt, img = batch["txt"], batch["img"]
+    return {
+        "txt": {k: v[rows] for k, v in txt.items()},
+        "img": {k: v[rows] for k, v in img.items()},
+        "txt_ids": [batch["txt_ids"][r] for r in listed],
+        "img_names": [batch["img_names"][r] for r in listed],
+        "labels": batch["labels"][rows],
+        "group_size": group_size,
+    }
+
+
+@dataclass(frozen=True)
+class HardNegativeLoss:
+    """The ranking loss on the negatives the cross-encoder finds hardest (the `Trainer`'s loss
+    function with `cross_encoder.hard_neg_size > 0`): the current model scores every row of the
+    batch without gradient (dropout off), then the step trains on the positive and the
+    `hard_size` highest-scored negatives of each side."""
+
+    negative_size: int
+    hard_size: int
+
+    def __call__(self, model: torch.nn.Module, batch: Mapping[str, Any], task: str) -> dict[str, torch.Tensor]:
+        bare = unwrap_model(model)
+        txt, img = batch["txt"], batch["img"]
+        bare.eval()
+        with torch.no_grad():
+            scores = bare.score(txt["input_ids"], txt["attention_mask"], img["img_feat"], img["img_pos"],
+                                img["img_mask"])
+        bare.train()
+        rows = hardest_rows(scores, int(batch["group_size"]), self.negative_size, self.hard_size)
+        hard = take_rows(batch, rows, 1 + 2 * self.hard_size)
+        return {"loss": model(hard)["loss"]}

@@ -5,6 +5,7 @@ lists, and the directory's file names (see inference.py for the layout).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -18,12 +19,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from data.txt_db import TxtDb
 from model.families import load_retrieval_model
 from model.formats import OUR_FORMATS
 from utils.config import RunConfig, require_path
 from utils.engine.training import to_device
 from utils.errors import UserError
-from utils.pipeline.evaluation import open_img_db, open_txt_db
+from utils.pipeline.evaluation import open_img_db
 from utils.precision import resolve_precision
 from utils.run_files import (
     IDS_FILE,
@@ -65,6 +67,8 @@ class Split:
     min_bb: int
     num_bb: int
     compressed_db: bool
+    # The first `num_images` images of the split and their captions (0: all); `retrieval.eval_images`.
+    num_images: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form (stored in info.json)."""
@@ -93,12 +97,13 @@ def resolve_split(config: RunConfig) -> Split:
         min_bb=d.min_bb,
         num_bb=d.num_bb,
         compressed_db=d.compressed_db,
+        num_images=config.retrieval.eval_images,
     )
 
 
 def open_split(split: Split):
-    """(TxtDb, ImgDb) of a split."""
-    return open_txt_db(split.txt_db, split), open_img_db(split.img_db, split)
+    """(TxtDb, ImgDb) of a split (its first `num_images` images and their captions when set)."""
+    return TxtDb(split.txt_db, split.max_txt_len, split.num_images), open_img_db(split.img_db, split)
 
 
 def check_retrieval_dir(retrieval_dir: str | os.PathLike, split: Split) -> dict[str, Any]:
@@ -112,12 +117,13 @@ def check_retrieval_dir(retrieval_dir: str | os.PathLike, split: Split) -> dict[
     """
     retrieval_dir = Path(retrieval_dir)
     info = read_json(retrieval_dir / INFO_FILE, "retrieval info (written last by inference.py)")
-    saved = info.get("split", {})
-    fields = ("name", "txt_db", "img_db", "max_txt_len", "conf_th", "max_bb", "min_bb", "num_bb", "compressed_db")
+    # Directories written before a field existed hold its default.
+    defaults = {f.name: f.default for f in dataclasses.fields(Split) if f.default is not dataclasses.MISSING}
+    saved = {**defaults, **info.get("split", {})}
     diffs = [
-        f"{key}: retrieval_dir has {saved.get(key)!r}, the config gives {getattr(split, key)!r}"
-        for key in fields
-        if saved.get(key) != getattr(split, key)
+        f"{f.name}: retrieval_dir has {saved.get(f.name)!r}, the config gives {getattr(split, f.name)!r}"
+        for f in dataclasses.fields(Split)
+        if saved.get(f.name) != getattr(split, f.name)
     ]
     if diffs:
         raise RetrievalDirError(

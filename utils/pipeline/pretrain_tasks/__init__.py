@@ -1,6 +1,8 @@
 """Pre-training tasks by name (SPEC 5): each is one module with one registry entry.
 
-`cmr.py` (`itm`), `vmlm.py` (`mlm`), `smrm.py` (`mrfr`, `mrckl`): each entry carries the task's
+`cmr.py` (`itm`), `vmlm.py` (`mlm`), `smrm.py` (`mrfr`, `mrckl`) for the bi-encoder, and
+`joint.py` (UNITER's `itm`, `mlm`, `mrfr`, `mrckl` on the cross-encoder's joint input, in
+`CROSS_ENCODER_TASKS`): each entry carries the task's
 data, its head, its forward and loss, and its metrics (`base.PretrainTask`). The pre-training
 model attaches the heads of every task its bi-encoder can run and dispatches through the
 entries; `pretrain.py` and validation read the data side. To add an objective: write its module
@@ -18,13 +20,17 @@ from model.pretrain_model import (
 )
 from model.retrieval import RetrievalModel
 from utils.errors import ConfigError
-from utils.pipeline.pretrain_tasks import cmr, smrm, vmlm
+from utils.pipeline.pretrain_tasks import cmr, joint, smrm, vmlm
 from utils.pipeline.pretrain_tasks.base import PretrainTask
 
 # Registry order is the order of the heads in the pre-training model (and of their
 # initialisation from the seed).
 PRETRAIN_TASKS: dict[str, PretrainTask] = {
     task.name: task for task in (cmr.TASK, vmlm.TASK, smrm.MRFR, smrm.MRCKL)
+}
+# The cross-encoder's (UNITER's) pre-training tasks on its joint input, by the same names.
+CROSS_ENCODER_TASKS: dict[str, PretrainTask] = {
+    task.name: task for task in (joint.ITM, joint.MLM, joint.MRFR, joint.MRCKL)
 }
 
 
@@ -49,4 +55,10 @@ def pretrain_model(backbone: RetrievalModel, settings: PretrainSettings | None =
     return build_pretrain_model(backbone, list(PRETRAIN_TASKS.values()), settings)
 
 
-__all__ = ["PRETRAIN_TASKS", "PretrainTask", "check_tasks_supported", "pretrain_model"]
+def cross_encoder_pretrain_model(cross_encoder: Any, settings: PretrainSettings | None = None) -> Any:
+    """The cross-encoder with the heads of UNITER's pre-training tasks (`CROSS_ENCODER_TASKS`)."""
+    return build_pretrain_model(cross_encoder, list(CROSS_ENCODER_TASKS.values()), settings)
+
+
+__all__ = ["CROSS_ENCODER_TASKS", "PRETRAIN_TASKS", "PretrainTask", "check_tasks_supported",
+           "cross_encoder_pretrain_model", "pretrain_model"]

@@ -59,10 +59,21 @@ class RegionClassification(nn.Module):
         return self.net(hidden)
 
 
-def _image_width(model: Any) -> int:
+def image_width(model: Any) -> int:
+    """The hidden size the region heads work in (the towers must agree on it)."""
     txt_cfg, img_cfg = model.bert.head_configs()
     check_same_width(txt_cfg, img_cfg)
     return img_cfg.hidden_size
+
+
+def make_regression_head(model: Any) -> RegionFeatureRegression:
+    """The MRFR head of a pre-training model, tied to its backbone's region projection."""
+    return RegionFeatureRegression(image_width(model), model.bert.tied_region_projection)
+
+
+def make_classification_head(model: Any) -> RegionClassification:
+    """The MRC-kl head of a pre-training model."""
+    return RegionClassification(image_width(model), model.settings.img_label_dim)
 
 
 def mrfr_loss(pred_feat: torch.Tensor, target_feat: torch.Tensor) -> torch.Tensor:
@@ -112,13 +123,13 @@ def mrckl_forward(model: Any, batch: Mapping[str, Any]) -> dict[str, torch.Tenso
     return {"loss": loss, "n_masked": torch.tensor(hidden.shape[0], device=hidden.device)}
 
 
-def _smrm_dataset(txt_dbs: Sequence[Any], img_dbs: Sequence[Any], data: DataConfig, seed: int) -> SmrmDataset:
+def smrm_dataset(txt_dbs: Sequence[Any], img_dbs: Sequence[Any], data: DataConfig, seed: int) -> SmrmDataset:
     return SmrmDataset(txt_dbs, img_dbs, mrm_prob=data.mrm_prob, seed=seed)
 
 
 MRFR = PretrainTask(
     name="mrfr",
-    make_dataset=_smrm_dataset,
+    make_dataset=smrm_dataset,
     collate=smrm_collate,
     distinct_images=False,
     weight_key="n_masked",
@@ -126,11 +137,11 @@ MRFR = PretrainTask(
     forward=mrfr_forward,
     needs=frozenset({TOKEN_STATES}),
     head_name="feat_regress",
-    make_head=lambda model: RegionFeatureRegression(_image_width(model), model.bert.tied_region_projection),
+    make_head=make_regression_head,
 )
 MRCKL = PretrainTask(
     name="mrckl",
-    make_dataset=_smrm_dataset,
+    make_dataset=smrm_dataset,
     collate=smrm_collate,
     distinct_images=False,
     weight_key="n_masked",
@@ -138,5 +149,5 @@ MRCKL = PretrainTask(
     forward=mrckl_forward,
     needs=frozenset({TOKEN_STATES}),
     head_name="region_classifier",
-    make_head=lambda model: RegionClassification(_image_width(model), model.settings.img_label_dim),
+    make_head=make_classification_head,
 )
