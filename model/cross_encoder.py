@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.formats import CROSS_ENCODER_FORMAT
-from model.retrieval import JOINT_STATES
 from model.losses import hinge_ranking_loss, softmax_ranking_loss
 from model.packed import DEFAULT_EXECUTION, check_execution, packable
+from model.retrieval import JOINT_STATES
 from model.towers import (
     UniterModel,
     build_bert_config,
