@@ -32,8 +32,9 @@ from utils.config import (
     require_path,
 )
 from utils.distributed import init_distributed, shutdown
-from utils.engine.run import after_update
-from utils.engine.training import MicroBatch, add_run_args
+from utils.engine.cadence import after_update
+from utils.engine.run_dir import add_run_args
+from utils.engine.trainer import MicroBatch
 from utils.errors import run_cli
 from utils.original_programs import LIGHTNINGDOT_PRETRAIN
 from utils.pipeline.model_setup import build_pretrain_model_for_run, check_model_paths

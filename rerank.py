@@ -47,7 +47,7 @@ from typing import Any
 
 from utils.config import ConfigError, add_config_args, config_from_args, load_config
 from utils.distributed import init_distributed, shutdown
-from utils.engine.training import add_run_args
+from utils.engine.run_dir import add_run_args
 from utils.errors import run_cli
 from utils.original_programs import UNITER_TRAIN_ITM
 from utils.pipeline.reranking import (

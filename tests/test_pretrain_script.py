@@ -14,7 +14,8 @@ from model.checkpoint import (
 from tests.helpers import ORIGINAL_CONFIGS_DIR, pretrain_config, write_config
 from utils.config import ConfigError, load_config
 from utils.distributed import init_distributed
-from utils.engine.training import list_states, read_metrics
+from utils.engine.metrics_log import read_metrics
+from utils.engine.run_dir import list_states
 from utils.pipeline.pretrain_data import dataset_tasks
 from utils.precision import resolve_precision
 

@@ -13,7 +13,7 @@ import rerank
 from model.state_dicts import CheckpointError
 from tests.helpers import ORIGINAL_CONFIGS_DIR, Workspace
 from utils.config import ConfigError, load_config
-from utils.engine.training import OutputDirError
+from utils.engine.run_dir import OutputDirError
 from utils.pipeline import reranking
 from utils.pipeline.retrieval_dir import (
     RetrievalDirError,

@@ -11,12 +11,9 @@ import train_itm
 from model.checkpoint import build_biencoder_from_checkpoint, read_checkpoint
 from tests.helpers import ORIGINAL_CONFIGS_DIR, itm_config, write_config
 from utils.config import ConfigError, load_config
-from utils.engine.training import (
-    NonFiniteLossError,
-    OutputDirError,
-    list_states,
-    read_metrics,
-)
+from utils.engine.metrics_log import read_metrics
+from utils.engine.run_dir import OutputDirError, list_states
+from utils.engine.trainer import NonFiniteLossError
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = ORIGINAL_CONFIGS_DIR / "lightningdot"

@@ -1,4 +1,4 @@
-"""utils/engine/training.py: step accounting, NaN guard, atomic state, resume, output-dir rules."""
+"""utils/engine/: step accounting, NaN guard, atomic state, resume, output-dir rules, metrics log."""
 from __future__ import annotations
 
 import json
@@ -14,18 +14,10 @@ from optim.optimizer import build_optimizer
 from optim.schedule import build_scheduler
 from utils.config import TrainConfig
 from utils.distributed import DistEnv
-from utils.engine.training import (
-    MetricsLogger,
-    MicroBatch,
-    NonFiniteLossError,
-    OutputDirError,
-    ResumableLoader,
-    Trainer,
-    list_states,
-    prepare_output_dir,
-    read_metrics,
-    state_path,
-)
+from utils.engine.loader import ResumableLoader
+from utils.engine.metrics_log import MetricsLogger, read_metrics
+from utils.engine.run_dir import OutputDirError, list_states, prepare_output_dir, state_path
+from utils.engine.trainer import MicroBatch, NonFiniteLossError, Trainer
 from utils.files import atomic_torch_save
 from utils.precision import resolve_precision
 from utils.rng import capture_rng_state, restore_rng_state

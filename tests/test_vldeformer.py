@@ -38,7 +38,7 @@ from tests.helpers import (
     write_config,
 )
 from utils.config import ConfigError, load_config
-from utils.engine.training import list_states
+from utils.engine.run_dir import list_states
 from utils.pipeline.model_setup import build_biencoder_for_run
 from utils.pipeline.query import Searcher
 

@@ -16,7 +16,7 @@ from data.txt_db import TxtDb
 from model.pretrain_heads import PretrainModel
 from utils.config import ConfigError, DatasetSpec, RunConfig
 from utils.distributed import DistEnv, all_reduce
-from utils.engine.training import ResumableLoader, eval_loader, to_device
+from utils.engine.loader import ResumableLoader, eval_loader, to_device
 from utils.pipeline.evaluation import (
     EvalSplit,
     evaluate_recall,

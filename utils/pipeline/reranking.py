@@ -33,8 +33,9 @@ from model.cross_encoder import build_cross_encoder
 from model.state_dicts import CheckpointError, read_weights
 from utils.config import ConfigError, RunConfig, config_to_dict, require_path
 from utils.distributed import all_gather_object, all_reduce, world_info
-from utils.engine.run import BestCheckpoint, after_update
-from utils.engine.training import MicroBatch, ResumableLoader, eval_loader, to_device
+from utils.engine.cadence import BestCheckpoint, after_update
+from utils.engine.loader import ResumableLoader, eval_loader, to_device
+from utils.engine.trainer import MicroBatch
 from utils.files import atomic_torch_save, atomic_write_json
 from utils.pipeline.evaluation import (
     HardNegativeMiner,
@@ -466,7 +467,7 @@ def train_cross_encoder(config: RunConfig, env, *, resume: bool, overwrite: bool
     its caption and as many negative captions for its image, scored jointly and trained with
     `cross_encoder.rank_loss`. Run set-up, cadence and the best checkpoint (by validation
     ranking accuracy) are the ones every trainer shares (`utils/pipeline/training_run.py`,
-    `utils/engine/run.py`).
+    `utils/engine/cadence.py`).
 
     Returns:
         `{"step", "val", "best": {"accuracy", "step"}, "checkpoint"}` (also written to

@@ -27,7 +27,7 @@ from model.checkpoint import (
 )
 from model.state_dicts import read_weights
 from utils.config import ConfigError, RunConfig, require_path
-from utils.engine.training import to_device
+from utils.engine.loader import to_device
 from utils.errors import UserError
 from utils.pipeline.evaluation import open_img_db, open_txt_db
 from utils.precision import resolve_precision
