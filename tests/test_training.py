@@ -236,3 +236,11 @@ def test_metrics_logger_truncates_on_resume(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3]
     assert records[0]["val/rsum"] == 1.0
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["split"] == "train"
+
+
+def test_progress_in_a_log_file_is_a_few_plain_lines(tmp_path, capsys):
+    """Stderr is not a terminal here: the trainer's bar is a start line, quarters and an end line."""
+    _run(*_setup(tmp_path, steps=40))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train: ")]
+    assert 2 <= len(lines) <= 5, lines
+    assert lines[-1].startswith("train: finished 40/40 it (100%)") and "loss=" in lines[-1]

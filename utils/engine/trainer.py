@@ -47,6 +47,7 @@ from utils.engine.run_dir import list_states, state_path
 from utils.errors import DataError
 from utils.files import atomic_torch_save
 from utils.precision import Precision
+from utils.progress import ProgressBar, progress
 from utils.rng import capture_rng_state, restore_rng_state
 
 logger = logging.getLogger(__name__)
@@ -172,11 +173,9 @@ class Trainer:
         self._grad_norms: list[torch.Tensor] = []
         self._skipped = 0
         self._last_log_time = time.perf_counter()
-        self._progress = None
-        if env.is_main:
-            from tqdm.auto import tqdm
-
-            self._progress = tqdm(total=total_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        self._progress: ProgressBar | None = progress(
+            total=total_steps, initial=self.step, desc="train", disable=not env.is_main
+        )
         # Last, so that nothing above (wrapping, logger set-up) shifts the restored streams.
         if rng_state is not None:
             restore_rng_state(rng_state)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from model.biencoder import BiEncoder, BiEncoderConfig, build_biencoder
 from model.checkpoint import (
@@ -31,6 +29,7 @@ from utils.engine.loader import to_device
 from utils.errors import UserError
 from utils.pipeline.evaluation import open_img_db, open_txt_db
 from utils.precision import resolve_precision
+from utils.progress import progress
 from utils.run_files import (
     IDS_FILE,
     INFO_FILE,
@@ -237,7 +236,7 @@ def encode_split(
     )
     done = 0
     with torch.inference_mode():
-        for batch in tqdm(loader, desc=desc, disable=rank != 0 or not sys.stderr.isatty()):
+        for batch in progress(loader, desc=desc, disable=rank != 0):
             with precision.autocast():
                 emb = encode(to_device(batch, device))
             writer.add(batch["index"], emb.float())
