@@ -24,8 +24,8 @@ import torch
 
 from utils.config import RunConfig, add_config_args
 from utils.distributed import init_distributed, shutdown
-from utils.engine.run import after_update
-from utils.engine.training import add_run_args
+from utils.engine.cadence import after_update
+from utils.engine.run_dir import add_run_args
 from utils.errors import run_cli
 from utils.original_programs import LIGHTNINGDOT_PRETRAIN
 from utils.pipeline.model_setup import build_pretrain_model_for_run, check_model_paths

@@ -59,8 +59,8 @@ from typing import Any
 
 from utils.config import add_config_args
 from utils.distributed import init_distributed, shutdown
-from utils.engine.run import BestCheckpoint, after_update
-from utils.engine.training import add_run_args
+from utils.engine.cadence import BestCheckpoint, after_update
+from utils.engine.run_dir import add_run_args
 from utils.errors import ConfigError, run_cli
 from utils.files import atomic_write_json
 from utils.original_programs import UNITER_TRAIN_ITM

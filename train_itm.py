@@ -28,8 +28,10 @@ from model.losses import hierarchical_contrastive_loss
 from model.retrieval import RetrievalModel
 from utils.config import RunConfig, add_config_args, require_path
 from utils.distributed import DistEnv, barrier, init_distributed, shutdown, unwrap_model
-from utils.engine.run import BestCheckpoint, after_update
-from utils.engine.training import MicroBatch, ResumableLoader, Trainer, add_run_args
+from utils.engine.cadence import BestCheckpoint, after_update
+from utils.engine.loader import ResumableLoader
+from utils.engine.run_dir import add_run_args
+from utils.engine.trainer import MicroBatch, Trainer
 from utils.errors import ConfigError, run_cli
 from utils.files import atomic_write_json
 from utils.original_programs import LIGHTNINGDOT_TRAIN_ITM

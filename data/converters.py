@@ -15,11 +15,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from data.img_db import ImgDbWriter
 from data.txt_db import TxtDbWriter
 from utils.errors import DataError, MissingPathError
+from utils.progress import (
+    progress as progress_bar,  # `progress` is the on/off flag here
+)
 
 _TOKENIZE_CHUNK = 2048
 # Reserved vocabulary entries that are never ordinary words: BERT's [unusedN] / [CLS]-style
@@ -76,7 +78,7 @@ def tokenizer_meta(tokenizer: Any, tokenizer_path: str) -> dict[str, Any]:
 def tokenize(tokenizer: Any, texts: Sequence[str], progress: bool = True) -> list[list[int]]:
     """Token ids of each text, without special tokens, tokenised in chunks."""
     out: list[list[int]] = []
-    with tqdm(total=len(texts), desc="tokenizing", unit="cap", disable=not progress) as bar:
+    with progress_bar(total=len(texts), desc="tokenizing", unit="cap", disable=not progress) as bar:
         for start in range(0, len(texts), _TOKENIZE_CHUNK):
             chunk = list(texts[start:start + _TOKENIZE_CHUNK])
             out.extend(tokenizer(chunk, add_special_tokens=False)["input_ids"])
@@ -101,7 +103,7 @@ def convert_karpathy(json_path: str, out_dir: str, tokenizer_path: str, splits: 
         splits: splits to include, e.g. ``["train", "restval"]`` for COCO training.
         img_prefix: prepended to image names (to match an existing img_db's naming).
         overwrite: replace an existing ``out_dir``.
-        progress: show tqdm bars.
+        progress: show progress bars.
 
     Returns:
         Counts: ``{"captions", "images", "out_dir"}``.
@@ -120,8 +122,8 @@ def convert_karpathy(json_path: str, out_dir: str, tokenizer_path: str, splits: 
     meta = {**tokenizer_meta(tokenizer, tokenizer_path), "annotation": os.path.abspath(json_path),
             "splits": sorted(wanted)}
     with TxtDbWriter(out_dir, meta, overwrite=overwrite) as writer:
-        for (im, s), input_ids in tqdm(zip(sentences, all_ids), total=len(sentences),
-                                       desc="writing txt_db", disable=not progress):
+        for (im, s), input_ids in progress_bar(zip(sentences, all_ids), total=len(sentences),
+                                               desc="writing txt_db", disable=not progress):
             writer.add(str(s["sentid"]), {
                 "input_ids": input_ids,
                 "img_fname": image_db_name(im["filename"], img_prefix),
@@ -171,8 +173,8 @@ def convert_multi30k(caption_files: Sequence[str], image_list: str, out_dir: str
             "annotation": [os.path.abspath(p) for p in caption_files],
             "image_list": os.path.abspath(image_list)}
     with TxtDbWriter(out_dir, meta, overwrite=overwrite) as writer:
-        for (i, j, raw), input_ids in tqdm(zip(entries, all_ids), total=len(entries),
-                                           desc="writing txt_db", disable=not progress):
+        for (i, j, raw), input_ids in progress_bar(zip(entries, all_ids), total=len(entries),
+                                                   desc="writing txt_db", disable=not progress):
             sentid = i * len(columns) + j
             writer.add(str(sentid), {
                 "input_ids": input_ids,
@@ -207,7 +209,7 @@ def convert_npz_dir(npz_dir: str, out_dir: str, conf_th: float = 0.2, max_bb: in
     boxes = resorted = 0
     with ImgDbWriter(out_dir, conf_th, max_bb, min_bb, num_bb, variants,
                      overwrite=overwrite) as writer:
-        for fname in tqdm(files, desc="writing img_db", unit="img", disable=not progress):
+        for fname in progress_bar(files, desc="writing img_db", unit="img", disable=not progress):
             path = os.path.join(npz_dir, fname)
             with np.load(path, allow_pickle=False) as z:
                 missing = [m for m in ("features", "norm_bb", "conf") if m not in z.files]

@@ -26,12 +26,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from data.composed_negatives import write_object_vocab
 from data.converters import convert_karpathy, convert_npz_dir
 from data.lmdb_io import atomic_dir
 from utils.errors import MissingPathError
+from utils.progress import (
+    progress as progress_bar,  # `progress` is the on/off flag here
+)
 from utils.region_features import FEAT_DIM, NUM_LABELS
 
 MANIFEST = "manifest.json"
@@ -301,7 +303,7 @@ def _write_npz_and_json(stage: str, cfg: SyntheticConfig, progress: bool) -> dic
     karpathy, objects, counts = [], {}, {}
     imgid = sentid = 0
     total = sum(cfg.counts().values())
-    with tqdm(total=total, desc="synthetic images", unit="img", disable=not progress) as bar:
+    with progress_bar(total=total, desc="synthetic images", unit="img", disable=not progress) as bar:
         for split, count in cfg.counts().items():
             for img in _split_images(struct_rng, count):
                 stem = f"synth_{imgid:06d}"

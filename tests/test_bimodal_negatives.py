@@ -28,7 +28,7 @@ from model.losses import contrastive_loss
 from tests.helpers import first_epoch_rank_batches, itm_config, write_config
 from tests.test_distributed_training import PER_RANK_BATCH, WORLD, _torchrun
 from utils.config import BimodalNegatives, DataConfig, load_config
-from utils.engine.training import read_metrics
+from utils.engine.metrics_log import read_metrics
 from utils.errors import ConfigError, DataError
 from utils.pipeline.evaluation import open_img_db
 

@@ -26,7 +26,7 @@ from tests.helpers import (
     write_config,
 )
 from utils.config import load_config
-from utils.engine.training import read_metrics
+from utils.engine.metrics_log import read_metrics
 from utils.pipeline.evaluation import open_img_db
 
 REPO = Path(__file__).resolve().parents[1]

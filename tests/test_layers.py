@@ -156,10 +156,10 @@ def test_every_module_has_a_floor():
     ("importer", "target"),
     [
         ("utils.config", "model.towers"),              # the leaf imports nothing above it
-        ("model.losses", "utils.engine.training"),     # model/ sits on the leaf only
+        ("model.losses", "utils.engine.trainer"),      # model/ sits on the leaf only
         ("data.datasets", "model.biencoder"),          # data and model meet in the pipeline only
         ("utils.search.topk", "data.txt_db"),          # search maths is model- and data-free
-        ("utils.engine.training", "data.samplers"),    # the training engine knows no data
+        ("utils.engine.loader", "data.samplers"),      # the training engine knows no data
         ("optim.optimizer", "utils.pipeline.model_setup"),
         ("rerank", "inference"),                       # no entry script is a library
         ("scripts.report", "train_itm"),               # only the demo driver calls entry points
@@ -173,7 +173,7 @@ def test_a_forbidden_import_is_reported(importer, target):
 
 def test_allowed_imports_pass():
     assert layer_violations({
-        "utils.pipeline.evaluation": ["data.txt_db", "model.biencoder", "utils.engine.training"],
+        "utils.pipeline.evaluation": ["data.txt_db", "model.biencoder", "utils.engine.loader"],
         "train_itm": ["utils.pipeline.model_setup", "optim.schedule"],
         "scripts.demo": ["train_itm"],
         "model.losses": ["utils.distributed", "numpy"],

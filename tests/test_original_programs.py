@@ -22,7 +22,7 @@ from optim.optimizer import build_optimizer
 from optim.schedule import build_scheduler, resolve_run_length
 from tests.helpers import tiny_bert_config
 from utils.config import TrainConfig, load_config
-from utils.engine.training import read_metrics
+from utils.engine.metrics_log import read_metrics
 from utils.errors import ConfigError
 from utils.original_programs import UNITER_TRAIN_ITM
 

@@ -17,7 +17,7 @@ import inference
 import pretrain
 import train_itm
 from tests.helpers import itm_config, pretrain_config, write_config
-from utils.engine.training import read_metrics
+from utils.engine.metrics_log import read_metrics
 
 # Recorded at commit ef813ba (before the library was split into floors), by the run below.
 ITM_LOSSES = [2.10227942, 2.07815313, 2.07897592, 2.07577014, 2.06751204, 2.06629038, 2.03676462, 2.04563522, 2.0410769, 2.04071569, 1.985605, 2.0747118, 1.92606473, 1.98162127, 1.94983697, 2.02503777, 2.10003138, 1.97820067, 1.83162856, 1.93752491]

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from scripts import plots
-from utils.engine.training import MetricsLogger
+from utils.engine.metrics_log import MetricsLogger
 from utils.errors import MissingPathError
 
 

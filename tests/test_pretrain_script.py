@@ -11,7 +11,8 @@ from model.families import build_biencoder_from_checkpoint
 from tests.helpers import ORIGINAL_CONFIGS_DIR, pretrain_config, write_config
 from utils.config import load_config
 from utils.distributed import init_distributed
-from utils.engine.training import list_states, read_metrics
+from utils.engine.metrics_log import read_metrics
+from utils.engine.run_dir import list_states
 from utils.errors import ConfigError
 from utils.pipeline.model_setup import build_pretrain_model_from_checkpoint
 from utils.pipeline.pretrain_data import dataset_tasks, draw_stream

@@ -13,7 +13,7 @@ import rerank
 from model.state_dicts import CheckpointError
 from tests.helpers import ORIGINAL_CONFIGS_DIR, Workspace
 from utils.config import load_config
-from utils.engine.training import OutputDirError
+from utils.engine.run_dir import OutputDirError
 from utils.errors import ConfigError
 from utils.pipeline import cross_encoder_training, reranking
 from utils.pipeline.retrieval_dir import (

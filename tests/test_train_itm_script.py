@@ -12,12 +12,9 @@ from model.checkpoint import read_checkpoint
 from model.families import build_biencoder_from_checkpoint
 from tests.helpers import ORIGINAL_CONFIGS_DIR, itm_config, write_config
 from utils.config import load_config
-from utils.engine.training import (
-    NonFiniteLossError,
-    OutputDirError,
-    list_states,
-    read_metrics,
-)
+from utils.engine.metrics_log import read_metrics
+from utils.engine.run_dir import OutputDirError, list_states
+from utils.engine.trainer import NonFiniteLossError
 from utils.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

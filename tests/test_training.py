@@ -1,4 +1,4 @@
-"""utils/engine/training.py: step accounting, NaN guard, atomic state, resume, output-dir rules."""
+"""utils/engine/: step accounting, NaN guard, atomic state, resume, output-dir rules, metrics log."""
 from __future__ import annotations
 
 import json
@@ -14,18 +14,15 @@ from optim.optimizer import build_optimizer
 from optim.schedule import build_scheduler
 from utils.config import TrainConfig
 from utils.distributed import DistEnv
-from utils.engine.training import (
-    MetricsLogger,
-    MicroBatch,
-    NonFiniteLossError,
+from utils.engine.loader import ResumableLoader
+from utils.engine.metrics_log import MetricsLogger, read_metrics
+from utils.engine.run_dir import (
     OutputDirError,
-    ResumableLoader,
-    Trainer,
     list_states,
     prepare_output_dir,
-    read_metrics,
     state_path,
 )
+from utils.engine.trainer import MicroBatch, NonFiniteLossError, Trainer
 from utils.files import atomic_torch_save
 from utils.precision import resolve_precision
 from utils.rng import capture_rng_state, restore_rng_state
@@ -244,3 +241,11 @@ def test_metrics_logger_truncates_on_resume(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3]
     assert records[0]["val/rsum"] == 1.0
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["split"] == "train"
+
+
+def test_progress_in_a_log_file_is_a_few_plain_lines(tmp_path, capsys):
+    """Stderr is not a terminal here: the trainer's bar is a start line, quarters and an end line."""
+    _run(*_setup(tmp_path, steps=40))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train: ")]
+    assert 2 <= len(lines) <= 5, lines
+    assert lines[-1].startswith("train: finished 40/40 it (100%)") and "loss=" in lines[-1]

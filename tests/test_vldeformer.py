@@ -35,7 +35,7 @@ from tests.helpers import (
     write_config,
 )
 from utils.config import load_config
-from utils.engine.training import list_states
+from utils.engine.run_dir import list_states
 from utils.errors import ConfigError
 from utils.pipeline.model_setup import build_biencoder_for_run
 from utils.pipeline.query import Searcher

@@ -29,7 +29,8 @@ from model.checkpoint import load_cross_encoder_weights
 from model.cross_encoder import build_cross_encoder
 from utils.config import RunConfig, require_path
 from utils.distributed import DistEnv, all_reduce, unwrap_model
-from utils.engine.training import MicroBatch, ResumableLoader, eval_loader, to_device
+from utils.engine.loader import ResumableLoader, eval_loader, to_device
+from utils.engine.trainer import MicroBatch
 from utils.errors import ConfigError
 from utils.pipeline.evaluation import HardNegativeMiner, open_img_db, open_txt_db
 from utils.pipeline.pretrain_data import (

@@ -30,7 +30,7 @@ from data.txt_db import TxtDb
 from model.retrieval import RetrievalModel
 from utils.config import DataConfig, TrainConfig
 from utils.distributed import DistEnv, all_gather_no_grad, broadcast_object
-from utils.engine.training import eval_loader, to_device
+from utils.engine.loader import eval_loader, to_device
 from utils.errors import DataError
 from utils.pipeline.samplers import make_batch_sampler
 from utils.precision import Precision

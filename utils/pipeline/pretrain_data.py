@@ -18,7 +18,8 @@ import torch
 from data.txt_db import TxtDb
 from utils.config import DatasetSpec, RunConfig, require_path
 from utils.distributed import DistEnv, all_reduce
-from utils.engine.training import MicroBatch, ResumableLoader, eval_loader, to_device
+from utils.engine.loader import ResumableLoader, eval_loader, to_device
+from utils.engine.trainer import MicroBatch
 from utils.errors import ConfigError
 from utils.pipeline.evaluation import (
     EvalSplit,

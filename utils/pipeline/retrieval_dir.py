@@ -9,7 +9,6 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,16 +16,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from data.txt_db import TxtDb
 from model.families import load_retrieval_model
 from model.formats import OUR_FORMATS
 from utils.config import RunConfig, require_path
-from utils.engine.training import to_device
+from utils.engine.loader import to_device
 from utils.errors import UserError
 from utils.pipeline.evaluation import open_img_db
 from utils.precision import resolve_precision
+from utils.progress import progress
 from utils.run_files import (
     IDS_FILE,
     INFO_FILE,
@@ -217,7 +216,7 @@ def encode_split(
     )
     done = 0
     with torch.inference_mode():
-        for batch in tqdm(loader, desc=desc, disable=rank != 0 or not sys.stderr.isatty()):
+        for batch in progress(loader, desc=desc, disable=rank != 0):
             with precision.autocast():
                 emb = encode(to_device(batch, device))
             writer.add(batch["index"], emb.float())

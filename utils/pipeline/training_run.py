@@ -5,7 +5,7 @@ validation interval; `optim/schedule.py`), applies the output-directory rules an
 resolved config; `TrainingRun.trainer` builds the optimiser (wrapped for Horovod before the
 schedule holds it) and the schedule, reseeds the global RNGs per rank (dropout and anything
 else random differs per rank from there on) and hands everything to the `Trainer`, which
-restores a resumed state. The cadence and best-checkpoint rules are `utils/engine/run.py`'s.
+restores a resumed state. The cadence and best-checkpoint rules are `utils/engine/cadence.py`'s.
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from optim.optimizer import build_optimizer
 from optim.schedule import build_scheduler, resolve_run_length
 from utils.config import RunConfig, config_to_dict
 from utils.distributed import DistEnv, wrap_optimizer
-from utils.engine.run import open_run_dir
-from utils.engine.training import Stateful, Trainer
+from utils.engine.run_dir import open_run_dir
+from utils.engine.trainer import Stateful, Trainer
 from utils.files import atomic_torch_save
 from utils.precision import Precision
 from utils.rng import derive_seed, seed_everything

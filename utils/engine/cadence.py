@@ -1,4 +1,4 @@
-"""The run rules every trainer shares: the output directory, validate / save cadence, best checkpoint.
+"""When a trainer validates and saves, and which checkpoint is the best: one rule for all three.
 
 Model-free like the rest of the engine. `utils/pipeline/training_run.py` adds what needs the
 optimiser floor (run length, optimiser, schedule) and builds the `Trainer`.
@@ -6,40 +6,17 @@ optimiser floor (run length, optimiser, schedule) and builds the `Trainer`.
 Cadence (one rule for pre-training, fine-tuning and the re-ranker): validate every
 `train.valid_steps` updates and after the last one; save the resume state at every validation
 when `train.save_steps` is 0, else every `save_steps` updates and after the last one.
+`BestCheckpoint` keeps the best validation value of one metric and saves its checkpoint.
 """
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from utils.config import RunConfig, TrainConfig, save_config
-from utils.distributed import DistEnv
-from utils.engine.training import Trainer, prepare_output_dir
-from utils.run_files import CONFIG_FILE
-
-
-def open_run_dir(
-    cfg: RunConfig,
-    env: DistEnv,
-    *,
-    resume: bool,
-    overwrite: bool,
-    extra_artifacts: Sequence[str] = (),
-) -> tuple[Path, Path | None]:
-    """Apply the output-directory rules and write the resolved config (rank 0).
-
-    Returns:
-        The output directory and the state to resume from (None for a fresh run).
-    """
-    out = Path(cfg.output_dir)
-    resume_from = prepare_output_dir(out, resume=resume, overwrite=overwrite, env=env,
-                                     extra_artifacts=extra_artifacts)
-    if env.is_main:
-        save_config(cfg, out / CONFIG_FILE)
-    return out, resume_from
+from utils.config import TrainConfig
+from utils.engine.trainer import Trainer
 
 
 def validation_due(trainer: Trainer, cfg: TrainConfig) -> bool:

@@ -1,44 +1,34 @@
-"""Training-loop machinery shared by every training script (pre-training, fine-tuning, re-ranker).
+"""The training loop's optimizer steps and the resume state shared by every training script.
 
 Nothing here knows which model it trains: a script hands the `Trainer` a model, an optimizer,
 a scheduler and a `compute_loss(model, batch, task) -> {"loss": ..., other scalars}` function,
 and gets back step accounting with gradient accumulation, mixed precision, clipping, a
-NaN/inf guard, reduced metrics, logging, and checkpoints that resume exactly.
+NaN/inf guard, reduced metrics, logging, and training states that resume exactly.
 
 Exact resume rests on three rules:
 
 * every batch is a pure function of (seed, rank, epoch, position): the samplers' order
   depends only on (seed, epoch), the datasets draw masks from (seed, epoch, example index),
-  and `ResumableLoader` restarts a sampler at the position the loop had consumed;
+  and `utils.engine.loader.ResumableLoader` restarts a sampler at the position the loop had
+  consumed;
 * nothing but the model's forward consumes the global RNGs between two checkpoints (data
   loaders use their own generators), and their states are saved per rank;
 * model, optimizer, scheduler, loss scaler and every registered stateful object (loader
-  positions, mined hard negatives, best score) are saved together, atomically.
-
-Layout of an output directory::
-
-    config.yaml        resolved run config
-    metrics.jsonl      one JSON record per log / validation event
-    tensorboard/       the same scalars for TensorBoard
-    train_state/       step_XXXXXXXX.pt resume states (keep-last-N)
-    ckpt/              model checkpoints for inference (model/checkpoint.py format)
+  positions, mined hard negatives, best score) are saved together, atomically, in one
+  `STATE_FORMAT` file under the run directory's `train_state/` (`utils/engine/run_dir.py`).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import logging
 import math
 import os
-import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -51,29 +41,21 @@ from utils.distributed import (
     unwrap_model,
     wrap_model,
 )
-from utils.errors import DataError, UserError
-from utils.files import atomic_torch_save, atomic_write_text
+from utils.engine.loader import Batch, batch_ids, count_examples, to_device
+from utils.engine.metrics_log import MetricsLogger
+from utils.engine.run_dir import list_states, state_path
+from utils.errors import DataError
+from utils.files import atomic_torch_save
 from utils.precision import Precision
-from utils.rng import capture_rng_state, derive_seed, restore_rng_state
-from utils.run_files import (
-    CKPT_DIR,
-    CONFIG_FILE,
-    METRICS_FILE,
-    STATE_DIR,
-    TENSORBOARD_DIR,
-)
+from utils.progress import ProgressBar, progress
+from utils.rng import capture_rng_state, restore_rng_state
 
 logger = logging.getLogger(__name__)
 
-Batch = dict[str, Any]
 LossFn = Callable[[nn.Module, Batch, str], Mapping[str, torch.Tensor]]
 
 STATE_FORMAT = "lightningdot-train-state"
 STATE_FORMAT_VERSION = 1
-# What a run writes into its output directory; `--overwrite` removes exactly these.
-RUN_ARTIFACTS = (STATE_DIR, CKPT_DIR, METRICS_FILE, TENSORBOARD_DIR, CONFIG_FILE)
-# Keys of a batch that identify its examples, for error messages.
-BATCH_ID_KEYS = ("txt_ids", "img_names", "ids", "index")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -93,368 +75,12 @@ class NonFiniteLossError(RuntimeError):
         )
 
 
-class OutputDirError(UserError, RuntimeError):
-    """The output directory holds another run and neither --resume nor --overwrite was given."""
-
-
 class Stateful(Protocol):
     """Anything whose state goes into a training checkpoint."""
 
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
-
-
-# ---------------------------------------------------------------- seeding and RNG state
-
-
-# ---------------------------------------------------------------- data
-
-
-def to_device(obj: Any, device: torch.device) -> Any:
-    """Move every tensor in a (nested) batch to `device`; other values are left as they are."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, Mapping):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)) and obj and any(isinstance(v, (torch.Tensor, Mapping)) for v in obj):
-        return type(obj)(to_device(v, device) for v in obj)
-    return obj
-
-
-def batch_ids(batch: Mapping[str, Any], limit: int = 16) -> dict[str, list]:
-    """The identifying entries of a batch (caption ids, image names), for error messages."""
-    out: dict[str, list] = {}
-    for key in BATCH_ID_KEYS:
-        value = batch.get(key)
-        if value is None:
-            continue
-        values = value.tolist() if isinstance(value, torch.Tensor) else list(value)
-        out[key] = values[:limit] + (["..."] if len(values) > limit else [])
-    return out
-
-
-def count_examples(batch: Any) -> int:
-    """Rows of the first tensor found in a (nested) batch: its number of examples."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    if isinstance(batch, Mapping):
-        for value in batch.values():
-            n = count_examples(value)
-            if n:
-                return n
-    return 0
-
-
-class ResumableLoader:
-    """Batches of a map-style dataset in batch-sampler order, resumable at any batch.
-
-    Epoch after epoch without end: `next_batch()` rolls over to the next epoch when one is
-    exhausted. The position (epoch, batches handed out this epoch) is what `state_dict`
-    saves; batches that workers prefetched but the loop never took are rebuilt identically
-    after a resume, because the sampler's order depends only on (seed, epoch) and the
-    datasets draw their random choices (masking) from (seed, epoch, example index).
-
-    Args:
-        dataset: map-style dataset; its `set_epoch(epoch)` is called when it has one.
-        batch_sampler: a `data.samplers` batch sampler (already sharded for this rank) with
-            `set_epoch`, `skip_batches` and `__len__`.
-        collate_fn: list of examples -> batch.
-        seed: seed of the private generator of the DataLoader (worker base seeds).
-        num_workers: DataLoader worker processes.
-        pin_memory: pin batches (for CUDA).
-        name: label used in logs and error messages.
-    """
-
-    def __init__(
-        self,
-        dataset: Any,
-        batch_sampler: Any,
-        collate_fn: Callable[[list], Batch],
-        *,
-        seed: int,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        name: str = "train",
-    ) -> None:
-        self.dataset = dataset
-        self.batch_sampler = batch_sampler
-        self.collate_fn = collate_fn
-        self.seed = seed
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        self.name = name
-        self.epoch = 0
-        self.position = 0
-        self._epoch_len: int | None = None
-        self._iter: Iterator[Batch] | None = None
-
-    def _set_epoch(self) -> None:
-        self.batch_sampler.set_epoch(self.epoch)
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(self.epoch)
-        self._epoch_len = len(self.batch_sampler)
-        if self._epoch_len == 0:
-            raise RuntimeError(
-                f"loader {self.name!r}: the batch sampler yields no batch in epoch {self.epoch} "
-                f"(dataset of {len(self.dataset)} examples); is the batch larger than the data?"
-            )
-
-    def batches_per_epoch(self) -> int:
-        """Number of batches in the current epoch (on this rank)."""
-        if self._epoch_len is None:
-            self._set_epoch()
-        return self._epoch_len
-
-    def _make_iter(self) -> Iterator[Batch]:
-        self._set_epoch()
-        self.batch_sampler.skip_batches(self.position)
-        # A private generator: creating the iterator must not consume the global RNG, or a
-        # resumed run's dropout would drift from the uninterrupted one.
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, self.position))
-        loader = torch.utils.data.DataLoader(
-            self.dataset,
-            batch_sampler=self.batch_sampler,
-            collate_fn=self.collate_fn,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            generator=generator,
-        )
-        return iter(loader)
-
-    def next_batch(self) -> Batch:
-        """The next batch (rolling over to the next epoch at the end of one)."""
-        if self._iter is None:
-            self._iter = self._make_iter()
-        batch = next(self._iter)
-        self.position += 1
-        if self.position >= self.batches_per_epoch():
-            self.epoch += 1
-            self.position = 0
-            self._epoch_len = None
-            self._iter = None
-        return batch
-
-    @property
-    def at_epoch_start(self) -> bool:
-        """True when the next batch is the first of an epoch."""
-        return self.position == 0
-
-    def describe_last(self) -> str:
-        """`name epoch E batch P` of the batch `next_batch` handed out last."""
-        if self.position == 0:
-            return f"{self.name} epoch {self.epoch - 1}, its last batch"
-        return f"{self.name} epoch {self.epoch} batch {self.position - 1}"
-
-    def reset(self) -> None:
-        """Drop prefetched batches (call after the dataset changed, e.g. new hard negatives)."""
-        self._iter = None
-
-    def state_dict(self) -> dict[str, Any]:
-        """Position to resume from."""
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue from a saved position."""
-        self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
-        self._epoch_len = None
-        self._iter = None
-
-
-def eval_loader(
-    dataset: Any,
-    collate_fn: Callable[[list], Batch],
-    batch_sampler: Any,
-    num_workers: int = 0,
-    pin_memory: bool = False,
-) -> torch.utils.data.DataLoader:
-    """A plain DataLoader for evaluation that leaves the global RNG untouched."""
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=batch_sampler,
-        collate_fn=collate_fn,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        generator=torch.Generator().manual_seed(0),
-    )
-
-
-# ---------------------------------------------------------------- files
-
-
-def state_path(output_dir: str | os.PathLike, step: int) -> Path:
-    """Where the resume state of `step` lives."""
-    return Path(output_dir) / STATE_DIR / f"step_{step:08d}.pt"
-
-
-def list_states(output_dir: str | os.PathLike) -> list[Path]:
-    """Resume states of a run directory, oldest first."""
-    folder = Path(output_dir) / STATE_DIR
-    if not folder.is_dir():
-        return []
-    return sorted(folder.glob("step_*.pt"))
-
-
-def _existing_artifacts(out: Path, artifacts: Sequence[str]) -> list[str]:
-    found = []
-    for name in artifacts:
-        path = out / name
-        if path.is_dir() and any(path.iterdir()):
-            found.append(f"{name}/ ({sum(1 for _ in path.iterdir())} entries)")
-        elif path.is_file():
-            found.append(name)
-    return found
-
-
-def prepare_output_dir(
-    output_dir: str | os.PathLike,
-    *,
-    resume: bool,
-    overwrite: bool,
-    env: DistEnv,
-    extra_artifacts: Sequence[str] = (),
-) -> Path | None:
-    """Check, clean and create a run's output directory; find the state to resume from.
-
-    Every rank runs the checks (so all fail alike); only rank 0 changes the filesystem.
-
-    Args:
-        output_dir: the run directory.
-        resume: continue the run found there (from its latest resume state, if any).
-        overwrite: delete the previous run's files (only those this code writes) first.
-        env: distributed environment.
-        extra_artifacts: other file names the script writes (e.g. `test_results.json`).
-
-    Returns:
-        The resume state to load, or None to start from scratch.
-
-    Raises:
-        OutputDirError: the directory holds another run and neither flag was given, or
-            both flags were given.
-    """
-    if resume and overwrite:
-        raise OutputDirError("--resume and --overwrite contradict each other; pass one")
-    out = Path(output_dir)
-    artifacts = tuple(RUN_ARTIFACTS) + tuple(extra_artifacts)
-    found = _existing_artifacts(out, artifacts) if out.is_dir() else []
-    if found and not (resume or overwrite):
-        raise OutputDirError(
-            f"output directory {out} already holds a run ({', '.join(found)}); pass --resume "
-            f"to continue it, --overwrite to replace it, or choose another --output_dir"
-        )
-    latest = list_states(out)[-1] if resume and list_states(out) else None
-    if resume and latest is None and found:
-        logger.warning("--resume: %s has no resume state yet; starting from scratch", out)
-    barrier()
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if overwrite and found:
-            logger.warning("--overwrite: removing %s from %s", ", ".join(found), out)
-            for name in artifacts:
-                path = out / name
-                if path.is_dir():
-                    shutil.rmtree(path)
-                elif path.exists():
-                    path.unlink()
-        for stale in list((out / STATE_DIR).glob(".*.tmp*")) + list((out / CKPT_DIR).glob(".*.tmp*")):
-            stale.unlink()
-        (out / STATE_DIR).mkdir(exist_ok=True)
-        (out / CKPT_DIR).mkdir(exist_ok=True)
-    barrier()
-    return latest
-
-
-def add_run_args(parser: argparse.ArgumentParser) -> None:
-    """`--resume` / `--overwrite`, shared by every training script."""
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument(
-        "--resume", action="store_true",
-        help="continue the run in --output_dir from its latest resume state",
-    )
-    group.add_argument(
-        "--overwrite", action="store_true",
-        help="delete the previous run's files in --output_dir and start afresh",
-    )
-
-
-# ---------------------------------------------------------------- logging
-
-
-class MetricsLogger:
-    """Scalars to `metrics.jsonl` and TensorBoard, on rank 0 only.
-
-    On resume, records after the resumed step are dropped from `metrics.jsonl` and purged
-    from TensorBoard, so both read as one uninterrupted run.
-    """
-
-    def __init__(self, output_dir: str | os.PathLike, enabled: bool, resume_step: int = 0) -> None:
-        self.enabled = enabled
-        self.path = Path(output_dir) / METRICS_FILE
-        self._writer = None
-        if not enabled:
-            return
-        self._truncate(resume_step)
-        from torch.utils.tensorboard import SummaryWriter
-
-        self._writer = SummaryWriter(
-            str(Path(output_dir) / TENSORBOARD_DIR), purge_step=resume_step + 1 if resume_step else None
-        )
-
-    def _truncate(self, resume_step: int) -> None:
-        if not self.path.exists():
-            return
-        kept = [
-            line for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= resume_step
-        ]
-        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
-
-    def log(self, step: int, metrics: Mapping[str, Any], split: str = "train") -> None:
-        """Append one record; nested dicts are flattened with `/` (e.g. `text_to_image/R@1`)."""
-        if not self.enabled:
-            return
-        flat = _flatten(metrics)
-        record = {"step": step, "split": split, "time": round(time.time(), 3), **flat}
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        for key, value in flat.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                self._writer.add_scalar(f"{split}/{key}", value, step)
-
-    def flush(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-
-def _flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, name + "/"))
-        elif isinstance(value, (torch.Tensor, np.generic)):
-            out[name] = value.item()
-        else:
-            out[name] = value
-    return out
-
-
-def read_metrics(output_dir: str | os.PathLike, split: str | None = None) -> list[dict[str, Any]]:
-    """Records of a run's `metrics.jsonl` (optionally of one split)."""
-    path = Path(output_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if split is None or r.get("split") == split]
-
-
-# ---------------------------------------------------------------- the trainer
 
 
 class MicroBatch(NamedTuple):
@@ -491,7 +117,7 @@ class Trainer:
         env: from `utils.distributed.init_distributed`.
         cfg: the train section (accumulation, clipping, log / keep-last settings).
         total_steps: optimizer updates of the whole run.
-        output_dir: the run directory (see `prepare_output_dir`).
+        output_dir: the run directory (`utils.engine.run_dir.prepare_output_dir` prepared it).
         run_config: the resolved run config as a dict (stored in every state).
         stateful: named objects whose state is saved and restored with the run (loaders,
             mined hard negatives, ...). Their state must be the same on every rank.
@@ -547,11 +173,9 @@ class Trainer:
         self._grad_norms: list[torch.Tensor] = []
         self._skipped = 0
         self._last_log_time = time.perf_counter()
-        self._progress = None
-        if env.is_main:
-            from tqdm.auto import tqdm
-
-            self._progress = tqdm(total=total_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        self._progress: ProgressBar | None = progress(
+            total=total_steps, initial=self.step, desc="train", disable=not env.is_main
+        )
         # Last, so that nothing above (wrapping, logger set-up) shifts the restored streams.
         if rng_state is not None:
             restore_rng_state(rng_state)
