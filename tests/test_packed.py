@@ -25,8 +25,8 @@ from model.packed import (
     varlen_layout,
 )
 from model.pretrain_heads import PretrainModel
+from scripts.benchmark.batches import task_batch
 from tests.helpers import tiny_bert_config
-from utils.pipeline.bench_batches import task_batch
 
 ATOL = 1e-5
 # Larger than the other tests' tower: three layers and four heads exercise more of the packing.
