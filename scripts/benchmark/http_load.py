@@ -73,16 +73,19 @@ def start_server(index_dir: str, checkpoint: str, workdir: str) -> tuple[Any, st
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            log.close()
-            raise RuntimeError(f"inference.py serve exited ({proc.returncode}): {Path(log.name).read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{base}/api/search", params={"q": "a dog", "k": 1}, timeout=5).status_code == 200:
-                return proc, base, log
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.terminate()
-    log.close()
-    raise RuntimeError("inference.py serve did not answer within 120 s")
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"inference.py serve exited ({proc.returncode}): {Path(log.name).read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{base}/api/search", params={"q": "a dog", "k": 1}, timeout=5).status_code == 200:
+                    return proc, base, log
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("inference.py serve did not answer within 120 s")
+    except BaseException:
+        # A failed start, or the section's time limit reached while waiting: no server is left behind.
+        proc.terminate()
+        log.close()
+        raise

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import datetime
+import json
 import platform
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from scripts.benchmark.context import Row
+from utils.files import atomic_write_text
 
 # Targets of issue 7 on one H100, printed next to the measured figures.
 TARGETS = {
@@ -84,3 +87,8 @@ def environment(device: torch.device) -> dict[str, Any]:
         env["triton"] = None
     return env
 
+
+def write_result(path: str | Path, result: dict[str, Any]) -> None:
+    """Write the result as indented JSON, atomically (temporary file, then rename): a run
+    killed while writing leaves the previous complete file, never a truncated one."""
+    atomic_write_text(path, json.dumps(result, indent=2, default=str))
