@@ -21,8 +21,8 @@ from model.packed import (
     varlen_attention,
     varlen_layout,
 )
+from scripts.benchmark.batches import task_batch
 from tests.helpers import tiny_bert_config
-from utils.pipeline.bench_batches import task_batch
 from utils.pipeline.pretrain_tasks import pretrain_model
 
 ATOL = 1e-5

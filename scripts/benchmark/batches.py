@@ -1,4 +1,4 @@
-"""Synthetic in-memory batches with realistic shapes, for benchmarks and fast-path tests.
+"""Synthetic in-memory batches with realistic shapes, for the benchmark and fast-path tests.
 
 Items are built like the datasets' `__getitem__` and batched by the project's own collates
 (`data/datasets.py`), so the layout is exactly the training one. Only the values are random.
