@@ -17,12 +17,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model.packed import DEFAULT_EXECUTION, VarlenLayout, check_execution
@@ -144,6 +146,9 @@ class BiEncoder(RetrievalModel, TokenStates):
                 heads = nn.ModuleList(nn.Linear(cfg.hidden_size, d) for d in self.hierarchy.dims[:-1])
                 init_bert_weights(heads, cfg.initializer_range)
                 tower.add_module(LEVEL_HEADS, heads)
+        if self.hierarchy is not None and self.hierarchy.learn_temperature:
+            # Learned in log space, so it stays positive.
+            self.level_log_temperature = nn.Parameter(torch.tensor(math.log(self.hierarchy.temperature)))
         self._txt_fixed = False
         self._img_fixed = False
         self.fix_txt_encoder(config.fix_txt_encoder)
@@ -162,6 +167,21 @@ class BiEncoder(RetrievalModel, TokenStates):
         if self.hierarchy is None:
             return [1.0]
         return list(self.hierarchy.weights)
+
+    @property
+    def loss_temperature(self) -> float | torch.Tensor:
+        """1.0 (plain dot products, SPEC 3), or the hierarchy's temperature (a 0-d tensor when learned)."""
+        if self.hierarchy is None:
+            return 1.0
+        if self.hierarchy.learn_temperature:
+            return self.level_log_temperature.exp()
+        return self.hierarchy.temperature
+
+    def _finish(self, embedding: torch.Tensor) -> torch.Tensor:
+        """A level's embedding as scored: L2-normalised when the hierarchy says so."""
+        if self.hierarchy is not None and self.hierarchy.normalize:
+            return F.normalize(embedding.float(), dim=-1).to(embedding.dtype)
+        return embedding
 
     def _set_execution(self, execution: str) -> None:
         # The config is what checkpoints store; the towers dispatch on their own copy.
@@ -272,9 +292,9 @@ class BiEncoder(RetrievalModel, TokenStates):
             return self.img_model.hidden_packed(img_feat, img_pos, img_mask, img_masked)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, D) text embeddings: projected last-layer [CLS] hidden state."""
+        """(B, D) text embeddings: projected last-layer [CLS] hidden state (the full level)."""
         with self._grad_context(self._txt_fixed):
-            return self.txt_model(input_ids, attention_mask)
+            return self._finish(self.txt_model(input_ids, attention_mask))
 
     def encode_image(
         self,
@@ -283,9 +303,9 @@ class BiEncoder(RetrievalModel, TokenStates):
         img_mask: torch.Tensor,
         img_masked: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, D) image embeddings: projected last-layer hidden state at position 0."""
+        """(B, D) image embeddings: projected last-layer hidden state at position 0 (the full level)."""
         with self._grad_context(self._img_fixed):
-            return self.img_model(img_feat, img_pos, img_mask, img_masked)
+            return self._finish(self.img_model(img_feat, img_pos, img_mask, img_masked))
 
     def _levels(self, tower: nn.Module, cls_hidden: torch.Tensor) -> list[torch.Tensor]:
         """One embedding per level from a tower's (B, H) [CLS] state, the full one last."""
@@ -293,8 +313,10 @@ class BiEncoder(RetrievalModel, TokenStates):
         if self.hierarchy is None:
             return [full]
         if self.hierarchy.mode == "prefix":
-            return [full[:, :d] for d in self.hierarchy.dims[:-1]] + [full]
-        return [head(cls_hidden) for head in getattr(tower, LEVEL_HEADS)] + [full]
+            levels = [full[:, :d] for d in self.hierarchy.dims[:-1]] + [full]
+        else:
+            levels = [head(cls_hidden) for head in getattr(tower, LEVEL_HEADS)] + [full]
+        return [self._finish(level) for level in levels]
 
     def encode_text_levels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
         """(B, dims[i]) text embeddings of every level; the last equals `encode_text`."""

@@ -26,7 +26,8 @@ def _norm_parameter_ids(model: nn.Module) -> set[int]:
 def split_decay_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """Split trainable parameters into (decayed, not decayed).
 
-    Biases and normalisation weights are not decayed, as in BERT / UNITER / LightningDOT.
+    Biases and normalisation weights are not decayed, as in BERT / UNITER / LightningDOT, nor
+    scalar parameters (a learned temperature: decay would pull it towards 1, as CLIP avoids).
     Frozen parameters (`requires_grad=False`, e.g. `fix_img_encoder`) are left out; a
     parameter shared by two modules (tied decoder weights) appears once.
 
@@ -44,7 +45,7 @@ def split_decay_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Pa
             continue
         leaf = name.rsplit(".", 1)[-1]
         is_norm = id(param) in norm_ids or any(part in name for part in _NORM_NAME_PARTS)
-        if leaf == "bias" or leaf in ("gamma", "beta") or is_norm:
+        if leaf == "bias" or leaf in ("gamma", "beta") or is_norm or param.ndim == 0:
             no_decay.append(param)
         else:
             decay.append(param)

@@ -409,3 +409,57 @@ def test_train_itm_and_pretrain_record_the_hierarchy(tiny_data, tiny_models, tmp
     cfg["model"]["biencoder_checkpoint"] = str(pout / "ckpt" / "model_final.pt")
     with pytest.raises(CheckpointError, match=r"missing img_model\.level_proj\.0\.bias"):
         train_itm.main(["--config", write_config(tmp_path / "itm2.yaml", cfg), "--output_dir", str(tmp_path / "x")])
+
+
+# ---------------------------------------------------------------- normalised levels with a temperature
+
+
+def test_normalised_levels_with_a_fixed_temperature_by_hand():
+    spec = {**PREFIX, "normalize": True, "temperature": 0.1}
+    model = make_model(spec, seed=4).eval()
+    flat = make_model(PREFIX, seed=4).eval()
+    batch = retrieval_batch(3, 1, 0, [1, 2, 3], seed=6)
+    with torch.no_grad():
+        txt_levels, img_levels = model(batch)
+        raw_txt, raw_img = flat(batch)
+        for got, raw in zip(txt_levels + img_levels, raw_txt + raw_img):
+            torch.testing.assert_close(got, raw / raw.norm(dim=1, keepdim=True), atol=1e-6, rtol=0)
+        torch.testing.assert_close(model.encode_text(batch["txt"]["input_ids"], batch["txt"]["attention_mask"]),
+                                   txt_levels[-1])
+        out = train_itm.itm_loss(model, batch, "itm")
+        want = hierarchical_contrastive_loss(txt_levels, img_levels, PREFIX["weights"], num_pos=3,
+                                             txt_img_keys=batch["txt_img_keys"], img_keys=batch["img_keys"],
+                                             temperature=0.1)
+    torch.testing.assert_close(out["loss"], want.loss)
+    # The logits of a level are its cosines / 0.1: the first level's loss by hand.
+    scores = txt_levels[0] @ img_levels[0].t() / 0.1  # 4 captions (the last a negative) x 3 images
+    by_hand = 0.5 * torch.nn.functional.cross_entropy(scores[:3], torch.arange(3)) + \
+        0.5 * torch.nn.functional.cross_entropy(scores.t(), torch.arange(3))
+    first = contrastive_loss(txt_levels[0], img_levels[0], num_pos=3, txt_img_keys=batch["txt_img_keys"],
+                             img_keys=batch["img_keys"], temperature=0.1)
+    torch.testing.assert_close(first.loss, by_hand, atol=1e-5, rtol=0)
+
+
+def test_a_learned_temperature_trains_is_not_decayed_and_round_trips(tmp_path):
+    from optim.optimizer import split_decay_groups
+
+    spec = {**HEADS, "normalize": True, "temperature": 0.05, "learn_temperature": True}
+    model = make_model(spec, seed=5)
+    assert model.loss_temperature.item() == pytest.approx(0.05)
+    train_itm.itm_loss(model, retrieval_batch(3, 0, 0, [1, 2, 3], seed=7), "itm")["loss"].backward()
+    assert model.level_log_temperature.grad.abs().item() > 0
+    decay, no_decay = split_decay_groups(model)
+    assert any(p is model.level_log_temperature for p in no_decay)
+    assert not any(p is model.level_log_temperature for p in decay)
+    with torch.no_grad():
+        model.level_log_temperature.fill_(math.log(0.2))
+    save_checkpoint(model, tmp_path / "t.pt")
+    rebuilt = build_biencoder_from_checkpoint(tmp_path / "t.pt")
+    assert rebuilt.loss_temperature.item() == pytest.approx(0.2)
+    assert rebuilt.config.hierarchy == model.config.hierarchy
+    # Only the options that are set are stored: a hierarchy without them reads as before.
+    assert read_checkpoint(tmp_path / "t.pt")["model_config"]["hierarchy"] == {**HEADS, **{
+        "weights": [0.5, 1.0, 2.0], "normalize": True, "temperature": 0.05, "learn_temperature": True}}
+    assert Hierarchy.from_dict(PREFIX).to_dict() == {**PREFIX, "weights": [0.25, 1.0, 1.5]}
+    with pytest.raises(HierarchyError, match=r"model\.hierarchy\.temperature: expected a number > 0"):
+        Hierarchy.from_dict({**PREFIX, "temperature": 0})

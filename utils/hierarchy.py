@@ -8,6 +8,10 @@ embedding): the contrastive loss is the `weights`-weighted sum over the levels. 
 * `heads`: level i has its own linear head from the tower's [CLS] state; the last level is
   the tower's usual embedding (`encode_proj`).
 
+With `normalize`, every level is L2-normalised (its scores are cosines, on one scale whatever
+the level's size) and the contrastive logits are divided by `temperature`, fixed or, with
+`learn_temperature`, a learned parameter that starts there (CLIP's logit scale).
+
 The run config (`model.hierarchy`) and the bi-encoder config hold a `Hierarchy` (or None: no
 hierarchy), parsed once where they are read; config files and checkpoints store the plain-dict
 form (`to_dict`), where an empty dict also means no hierarchy.
@@ -23,7 +27,7 @@ from typing import Any
 from utils.errors import ConfigError
 
 HIERARCHY_MODES = ("prefix", "heads")
-HIERARCHY_KEYS = ("mode", "dims", "weights")
+HIERARCHY_KEYS = ("mode", "dims", "weights", "normalize", "temperature", "learn_temperature")
 
 
 class HierarchyError(ConfigError):
@@ -38,11 +42,17 @@ class Hierarchy:
         mode: `prefix` (levels are prefixes of the full embedding) or `heads` (one head each).
         dims: level sizes, strictly increasing; the last is the full embedding size.
         weights: loss weight of each level (>= 0, not all 0).
+        normalize: L2-normalise every level (cosine scores).
+        temperature: the contrastive logits of every level are divided by this.
+        learn_temperature: the temperature is a learned parameter, starting at `temperature`.
     """
 
     mode: str
     dims: tuple[int, ...]
     weights: tuple[float, ...]
+    normalize: bool = False
+    temperature: float = 1.0
+    learn_temperature: bool = False
 
     @classmethod
     def from_dict(
@@ -54,7 +64,8 @@ class Hierarchy:
         """Parse and check a hierarchy spec; None or `{}` (no hierarchy) give None.
 
         Args:
-            data: `{mode, dims, weights}`; `weights` defaults to 1.0 per level.
+            data: `{mode, dims, weights, normalize, temperature, learn_temperature}`;
+                `weights` defaults to 1.0 per level, the others to off / 1.0.
             full_dim: the full embedding size the last level must equal (None: unchecked).
             where: what holds the spec, named in errors.
 
@@ -89,7 +100,18 @@ class Hierarchy:
             raise HierarchyError(f"{where}.weights: expected numbers, got {list(weights)}")
         if not all(math.isfinite(w) and w >= 0 for w in weights) or not any(w > 0 for w in weights):
             raise HierarchyError(f"{where}.weights: must be finite, >= 0 and not all 0, got {list(weights)}")
-        spec = cls(mode=mode, dims=tuple(dims), weights=tuple(float(w) for w in weights))
+        flags = {}
+        for key in ("normalize", "learn_temperature"):
+            value = data.get(key, False)
+            if not isinstance(value, bool):
+                raise HierarchyError(f"{where}.{key}: expected true or false, got {value!r}")
+            flags[key] = value
+        temperature = data.get("temperature", 1.0)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+                math.isfinite(temperature) and temperature > 0):
+            raise HierarchyError(f"{where}.temperature: expected a number > 0, got {temperature!r}")
+        spec = cls(mode=mode, dims=tuple(dims), weights=tuple(float(w) for w in weights),
+                   temperature=float(temperature), **flags)
         if full_dim is not None:
             spec.check_full_dim(full_dim, where)
         return spec
@@ -113,8 +135,14 @@ class Hierarchy:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-dict form (config files, checkpoints)."""
-        return {"mode": self.mode, "dims": list(self.dims), "weights": list(self.weights)}
+        """Plain-dict form (config files, checkpoints). The score options are written only
+        when set, so a hierarchy without them is stored as before they existed."""
+        data: dict[str, Any] = {"mode": self.mode, "dims": list(self.dims), "weights": list(self.weights)}
+        defaults = Hierarchy(self.mode, self.dims, self.weights)
+        for key in ("normalize", "temperature", "learn_temperature"):
+            if getattr(self, key) != getattr(defaults, key):
+                data[key] = getattr(self, key)
+        return data
 
     def describe(self) -> str:
         """One-line description for messages, e.g. `heads [64, 256, 768]`."""
