@@ -56,6 +56,8 @@ HF_HEAD_PREFIXES = ("cls.",)
 # Attribute of each tower holding the level heads of `heads` mode: keys
 # `txt_model.level_proj.<level>.weight`, the last level being `encode_proj` itself.
 LEVEL_HEADS = "level_proj"
+# The learned temperature of a `learn_temperature` hierarchy (log space).
+LEVEL_TEMPERATURE = "level_log_temperature"
 
 
 @dataclass
@@ -148,7 +150,7 @@ class BiEncoder(RetrievalModel, TokenStates):
                 tower.add_module(LEVEL_HEADS, heads)
         if self.hierarchy is not None and self.hierarchy.learn_temperature:
             # Learned in log space, so it stays positive.
-            self.level_log_temperature = nn.Parameter(torch.tensor(math.log(self.hierarchy.temperature)))
+            self.register_parameter(LEVEL_TEMPERATURE, nn.Parameter(torch.tensor(math.log(self.hierarchy.temperature))))
         self._txt_fixed = False
         self._img_fixed = False
         self.fix_txt_encoder(config.fix_txt_encoder)
@@ -339,6 +341,11 @@ class BiEncoder(RetrievalModel, TokenStates):
 def level_head_keys(keys: Iterable[str]) -> list[str]:
     """The keys of `heads`-mode level heads among `keys` (any prefix, e.g. `bert.`)."""
     return sorted(k for k in keys if f".{LEVEL_HEADS}." in f".{k}")
+
+
+def hierarchy_keys(keys: Iterable[str]) -> list[str]:
+    """The keys among `keys` that only a hierarchy has: level heads and a learned temperature."""
+    return sorted(k for k in keys if f".{LEVEL_HEADS}." in f".{k}" or k.split(".")[-1] == LEVEL_TEMPERATURE)
 
 
 def check_level_heads(

@@ -16,13 +16,19 @@ enough to rebuild its model.
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import torch
 
-from model.biencoder import BiEncoder, check_level_heads, load_text_tower_state
+from model.biencoder import (
+    BiEncoder,
+    check_level_heads,
+    hierarchy_keys,
+    load_text_tower_state,
+)
 from model.cross_encoder import CrossEncoderConfig, UniterCrossEncoder
 from model.formats import (
     BIENCODER_FORMAT,
@@ -69,6 +75,7 @@ PRETRAIN_HEAD_PREFIXES = ("cls.", "feat_regress.", "region_classifier.", "itm_ou
 UNITER_HEAD_PREFIXES = PRETRAIN_HEAD_PREFIXES + ("rank_output.",)
 
 PathLike = str | os.PathLike[str]
+logger = logging.getLogger(__name__)
 
 
 # Checkpoint formats in detection order: name -> test on the loaded dict. Every loader, and
@@ -205,14 +212,29 @@ def biencoder_state(obj: Mapping[str, Any], path: PathLike) -> tuple[dict[str, t
     return state, fmt
 
 
-def load_biencoder_weights(model: RetrievalModel, path: PathLike) -> None:
+def load_biencoder_weights(model: RetrievalModel, path: PathLike, *, new_level_heads: bool = False) -> None:
     """Load bi-encoder weights from any file `biencoder_state` accepts into `model`.
+
+    Args:
+        model: the bi-encoder to fill.
+        path: the checkpoint file.
+        new_level_heads: the start of a training run: a file without the hierarchy's own
+            weights of `model` (`heads`-mode level heads, a learned temperature), e.g. a flat
+            model's, fills everything else, and those keep their initialisation (said in one
+            line). Any other mismatch still raises.
 
     Raises:
         CheckpointError: keys or shapes do not match (the message names the file; a
             hierarchy mismatch names the level heads, see `check_level_heads`).
     """
     state, _ = biencoder_state(read_weights(path), path)
+    own, provided = set(hierarchy_keys(model.state_dict())), set(hierarchy_keys(state))
+    if new_level_heads and own - provided and not provided - own:
+        missing = sorted(own - provided)
+        logger.info("%s lacks the hierarchy's own weights; they start from their initialisation: %s",
+                    path, ", ".join(missing))
+        load_strict(model, rename_gamma_beta(state), path, "bi-encoder", allow_missing=tuple(missing))
+        return
     check_level_heads(model, state, path, "bi-encoder")
     load_strict(model, rename_gamma_beta(state), path, "bi-encoder")
 
@@ -369,4 +391,4 @@ def initialise_biencoder(
     if img_checkpoint:
         load_image_tower_from_uniter(model.img_model, img_checkpoint)
     if biencoder_checkpoint:
-        load_biencoder_weights(model, biencoder_checkpoint)
+        load_biencoder_weights(model, biencoder_checkpoint, new_level_heads=True)

@@ -116,7 +116,8 @@ def test_repo_configs_are_small_overrides_with_the_hierarchy(monkeypatch):
         base = load_config(f"configs/{base_name}.yaml")
         for mode in ("prefix", "heads"):
             cfg = load_config(f"configs/{prefix}{mode}.yaml")
-            assert cfg.model.hierarchy.to_dict() == {"mode": mode, "dims": [64, 256, 768], "weights": [1.0, 1.0, 1.0]}
+            assert cfg.model.hierarchy.to_dict() == {"mode": mode, "dims": [64, 256, 768], "weights": [1.0, 1.0, 1.0],
+                                                     "normalize": True, "temperature": 0.05}
             assert (cfg.data, cfg.train) == (base.data, base.train)
             assert cfg.output_dir != base.output_dir
     demo = load_config("configs/demo/finetune_hivlp.yaml")
@@ -405,10 +406,13 @@ def test_train_itm_and_pretrain_record_the_hierarchy(tiny_data, tiny_models, tmp
     pretrain.main(["--config", write_config(tmp_path / "pre.yaml", pcfg), "--output_dir", str(pout)])
     final = read_checkpoint(pout / "ckpt" / "model_final.pt")
     assert final["model_config"]["hierarchy"] == {"mode": "prefix", "dims": [8, 16], "weights": [0.5, 1.0]}
-    # A heads fine-tuning run refuses this prefix pre-training checkpoint, naming the heads.
+    # A heads fine-tuning run starts from this prefix pre-training checkpoint: the towers load,
+    # the level heads are new, and the run records heads.
     cfg["model"]["biencoder_checkpoint"] = str(pout / "ckpt" / "model_final.pt")
-    with pytest.raises(CheckpointError, match=r"missing img_model\.level_proj\.0\.bias"):
-        train_itm.main(["--config", write_config(tmp_path / "itm2.yaml", cfg), "--output_dir", str(tmp_path / "x")])
+    train_itm.main(["--config", write_config(tmp_path / "itm2.yaml", cfg), "--output_dir", str(tmp_path / "x")])
+    tuned = read_checkpoint(tmp_path / "x" / "ckpt" / "biencoder.best.pt")
+    assert tuned["model_config"]["hierarchy"]["mode"] == "heads"
+    assert "img_model.level_proj.0.bias" in tuned["model"]
 
 
 # ---------------------------------------------------------------- normalised levels with a temperature
@@ -458,8 +462,32 @@ def test_a_learned_temperature_trains_is_not_decayed_and_round_trips(tmp_path):
     assert rebuilt.loss_temperature.item() == pytest.approx(0.2)
     assert rebuilt.config.hierarchy == model.config.hierarchy
     # Only the options that are set are stored: a hierarchy without them reads as before.
-    assert read_checkpoint(tmp_path / "t.pt")["model_config"]["hierarchy"] == {**HEADS, **{
-        "weights": [0.5, 1.0, 2.0], "normalize": True, "temperature": 0.05, "learn_temperature": True}}
+    assert read_checkpoint(tmp_path / "t.pt")["model_config"]["hierarchy"] == {**HEADS, 
+        "weights": [0.5, 1.0, 2.0], "normalize": True, "temperature": 0.05, "learn_temperature": True}
     assert Hierarchy.from_dict(PREFIX).to_dict() == {**PREFIX, "weights": [0.25, 1.0, 1.5]}
     with pytest.raises(HierarchyError, match=r"model\.hierarchy\.temperature: expected a number > 0"):
         Hierarchy.from_dict({**PREFIX, "temperature": 0})
+
+
+def test_a_heads_model_starts_from_a_flat_checkpoint_with_new_heads(tmp_path, caplog):
+    """Fine-tuning HiVLP heads from LightningDOT's flat pre-training: the towers load, the level
+    heads keep their initialisation; a trained heads model without its heads is still refused."""
+    import logging
+
+    from model.checkpoint import initialise_biencoder
+
+    flat = make_model(None, seed=3)
+    save_checkpoint(flat, tmp_path / "flat.pt")
+    model = make_model(HEADS, seed=4)
+    fresh_heads = {k: v.clone() for k, v in model.state_dict().items() if ".level_proj." in k}
+    with caplog.at_level(logging.INFO):
+        initialise_biencoder(model, biencoder_checkpoint=tmp_path / "flat.pt")
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in flat.state_dict().items())
+    assert fresh_heads and all(torch.equal(state[k], v) for k, v in fresh_heads.items())
+    assert "lacks the hierarchy's own weights; they start from their initialisation: img_model.level_proj.0.bias" in caplog.text
+    learned = make_model({**HEADS, "normalize": True, "temperature": 0.05, "learn_temperature": True}, seed=4)
+    initialise_biencoder(learned, biencoder_checkpoint=tmp_path / "flat.pt")
+    assert learned.loss_temperature.item() == pytest.approx(0.05)
+    with pytest.raises(CheckpointError, match="missing .*level_proj"):
+        load_biencoder_weights(make_model(HEADS), tmp_path / "flat.pt")
