@@ -183,3 +183,19 @@ def test_rerank_train_pretrains_then_ranks_with_its_own_hard_negatives(tiny_data
     result = rerank.main(["train", "--config", write_config(tmp_path / "rank.yaml", ranking),
                           "--output_dir", str(tmp_path / "rank")])
     assert result["step"] == 6 and 0 <= result["best"]["accuracy"] <= 100
+
+
+@pytest.mark.parametrize("name", ["flickr30k_hn", "coco_hn"])
+def test_the_uniter_hard_negative_configs_carry_uniters_settings(name, monkeypatch):
+    """configs/rerank/*_hn.yaml against UNITER's train-itm-{flickr,coco}-base-16gpu-hn.json,
+    numbers copied here by hand: 399 sampled, 31 hardest, hinge margin 0.2, lr 5e-5, 5,000
+    updates after 500 warm-up, 8 positives accumulated per rank."""
+    from utils.pipeline.run_config import TRAIN_CROSS_ENCODER, load_run_config
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    cfg = load_run_config(f"configs/rerank/{name}.yaml", trainer=TRAIN_CROSS_ENCODER)
+    ce, train = cfg.cross_encoder, cfg.train
+    assert (ce.mode, ce.negative_size, ce.hard_neg_size, ce.rank_loss, ce.margin) == ("rank", 399, 31, "hinge", 0.2)
+    assert (train.learning_rate, train.num_train_steps, train.warmup_steps, train.grad_norm) == (5e-5, 5000, 500, 2.0)
+    assert train.train_batch_size * train.gradient_accumulation_steps == 8
+    assert (cfg.data.max_txt_len, cfg.data.num_bb, cfg.data.min_bb, cfg.data.max_bb) == (60, 36, 10, 100)
