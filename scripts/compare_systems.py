@@ -1,211 +1,172 @@
-"""Accuracy against speed on one split: two bi-encoders and a cross-encoder ranking all pairs.
+"""The demo's comparison table on any data: the three systems and the cross-encoder on one split.
 
-    python scripts/compare_systems.py --config configs/demo/finetune.yaml \
-        --lightningdot runs/demo/finetune/ckpt/biencoder.best.pt \
-        --vldeformer runs/demo/vldeformer/ckpt/biencoder.best.pt \
-        --cross_encoder runs/demo/reranker/ckpt/cross_encoder.best.pt \
-        [--num_images 100] [--num_captions 500] [--output compare.json] [key=value ...]
+    python scripts/compare_systems.py --config configs/itm/flickr30k.yaml --output_dir runs/compare \
+        --lightningdot runs/itm/flickr30k/ckpt/biencoder.best.pt \
+        --cross_encoder runs/rerank/flickr30k_hn/ckpt/cross_encoder.best.pt \
+        [--vldeformer CKPT] [--vldeformer_no_bimodal CKPT] \
+        [--hivlp CKPT --hivlp_config configs/itm/flickr30k_hivlp_prefix.yaml] [--zero_shot CKPT] \
+        [--num_images 1000] [--ratio_images 100] [--top_m 20] [--alpha 0.0] [key=value ...]
 
-On the first `num_images` images of the split (`retrieval.eval_split`, canonical order) and
-at most `num_captions` of their captions, each system ranks every caption against every
-image: the LightningDOT and VLDeformer bi-encoders by the dot product of embeddings computed
-once per caption and per image, the cross-encoder by one UNITER pass per (caption, image)
-pair (no bi-encoder pre-selection). Prints one table (recall in both directions, RSUM, wall
-time of encoding, of scoring and in all) and writes it as JSON. Any system may be left out.
-The subset keeps the cross-encoder affordable on a CPU: its cost grows with captions x
-images, the bi-encoders' with captions + images.
+Every row is measured on one fixed split: the first `--num_images` images of
+`retrieval.eval_split` (canonical order) and all their captions (`retrieval.eval_images`),
+small enough for the cross-encoder to rank all pairs. Each system runs through its entry
+point, exactly as on the command line, into the directories `scripts/comparison.py` reads:
+`inference.py` for every bi-encoder (HiVLP also with the cascade of `--hivlp_config`), then
+`rerank.py` for the cross-encoder ranking every pair and for LightningDOT's top-M re-ranked
+(weight `--alpha` on the bi-encoder; 0, the original's behaviour, the cross-encoder alone).
+With `--ratio_images` the cross-encoder's cost of both is measured at that second size too, and
+projected to 1K / 5K images. Prints the table, the cost ratio and each paper's claim against
+the rows, and writes them to OUTPUT_DIR/summary.json (`scripts/report.py` prints it). An
+original UNITER cross-encoder file needs `cross_encoder.model_config=uniter-base.json`.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from data.datasets import (
-    ImageEvalDataset,
-    TextEvalDataset,
-    image_eval_collate,
-    text_eval_collate,
+from data.txt_db import TxtDb
+from scripts.comparison import (
+    SOURCES,
+    chance_recall,
+    claims,
+    collect_rows,
+    cost_ratio,
+    format_claims,
+    format_ratio,
+    format_table,
 )
-from utils.config import RunConfig, add_config_args
+from utils.config import load_config
 from utils.errors import ConfigError, run_cli
 from utils.files import atomic_write_json
-from utils.pipeline.evaluation import caption_image_indices, embed_batch
-from utils.pipeline.reranking import (
-    CrossEncoderScorer,
-    check_vocabulary,
-    load_cross_encoder,
-)
-from utils.pipeline.retrieval_dir import (
-    load_biencoder,
-    open_split,
-    pick_precision,
-    resolve_split,
-)
-from utils.pipeline.run_config import run_config_from_args
-from utils.search.metrics import recall_from_scores
+from utils.original_programs import LIGHTNINGDOT_EVAL_ITM
+from utils.pipeline.retrieval_dir import resolve_split
+from utils.run_files import SUMMARY_FILE
 
 logger = logging.getLogger("compare_systems")
 
-KS = (1, 5, 10)
+# Bi-encoder rows and the command-line option naming their checkpoint.
+BIENCODER_ROWS = ("lightningdot", "vldeformer", "vldeformer_no_bimodal", "hivlp", "zero_shot")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Command line: run config (data, batch sizes), the three checkpoints, the subset."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser)
+    parser.add_argument("--config", required=True, help="run config of the data (our YAML or an original JSON)")
+    parser.add_argument("--output_dir", required=True, help="where every evaluation and summary.json go")
     parser.add_argument("--lightningdot", help="LightningDOT bi-encoder checkpoint")
-    parser.add_argument("--vldeformer", help="VLDeformer bi-encoder checkpoint")
-    parser.add_argument("--cross_encoder", help="cross-encoder checkpoint (ours, or an original UNITER file)")
-    parser.add_argument("--cross_encoder_config", help="UNITER JSON config of an original cross-encoder file")
-    parser.add_argument("--num_images", type=int, default=100, help="first N images of the split")
-    parser.add_argument("--num_captions", type=int, default=500, help="at most this many of their captions")
-    parser.add_argument("--batch_size", type=int, default=0, help="0: the config's val_batch_size")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--output", help="write the table as JSON here")
+    parser.add_argument("--vldeformer", help="VLDeformer checkpoint (with bi-modal negatives)")
+    parser.add_argument("--vldeformer_no_bimodal", help="VLDeformer checkpoint trained without them")
+    parser.add_argument("--hivlp", help="HiVLP (embedding hierarchy) bi-encoder checkpoint")
+    parser.add_argument("--hivlp_config", help="config whose retrieval.cascade searches --hivlp coarse to fine")
+    parser.add_argument("--zero_shot", help="pre-trained, not fine-tuned, LightningDOT checkpoint")
+    parser.add_argument("--cross_encoder", help="cross-encoder checkpoint (ours, or an original UNITER file); "
+                        "needs --lightningdot, whose complete lists it re-ranks")
+    parser.add_argument("--num_images", type=int, default=100, help="the first N images of the split")
+    parser.add_argument("--ratio_images", type=int, default=0,
+                        help="second, smaller size for the cross-encoder's cost ratio (0: none)")
+    parser.add_argument("--top_m", type=int, default=None,
+                        help="LightningDOT's candidates re-ranked per query (default: a tenth of the images)")
+    parser.add_argument("--alpha", type=float, default=0.0, help="bi-encoder weight in the re-ranked score")
+    parser.add_argument("overrides", nargs="*", help="section.key=value or key=value overrides")
     return parser.parse_args(argv)
 
 
-def select_subset(txt_db, num_images: int, num_captions: int) -> tuple[list[str], list[int], np.ndarray]:
-    """The first `num_images` images in canonical order, and the first `num_captions`
-    captions (in `txt_db.ids` order) belonging to them.
+class Comparison:
+    """The evaluations of one table, run through the entry points into `output_dir`."""
 
-    Returns:
-        (image names, caption rows of `txt_db.ids`, image column of every chosen caption).
-    """
-    if num_images <= 0 or num_captions <= 0:
-        raise ConfigError("--num_images and --num_captions must be positive")
-    images = list(txt_db.img_order)[:num_images]
-    all_txt2img = caption_image_indices(txt_db, list(txt_db.img_order))
-    rows = [t for t in range(len(txt_db.ids)) if all_txt2img[t] < len(images)][:num_captions]
-    return images, rows, all_txt2img[rows]
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.out = Path(args.output_dir)
+        self.overrides = list(args.overrides)
 
+    def num_captions(self, images: int) -> int:
+        """Captions of the first `images` images of the evaluation split."""
+        config = load_config(self.args.config, [*self.overrides, f"retrieval.eval_images={images}"],
+                             LIGHTNINGDOT_EVAL_ITM)
+        split = resolve_split(config)
+        return len(TxtDb(split.txt_db, split.max_txt_len, split.num_images).ids)
 
-def _embed(model, dataset, collate: Callable, side: str, batch_size: int, device: torch.device, precision) -> torch.Tensor:
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
-    out = []
-    with torch.inference_mode():
-        for batch in loader:
-            batch = {k: ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v)
-                     for k, v in batch.items()}
-            with precision.autocast():
-                out.append(embed_batch(model, batch, side).float())
-    return torch.cat(out)
+    def evaluate(self, row: str, checkpoint: str, images: int, *, config: str | None = None,
+                 top_k: int | None = None, directory: str | None = None) -> None:
+        """`inference.py` of one bi-encoder on the first `images` images; complete lists unless `top_k`."""
+        import inference
 
+        inference.main([
+            "--config", config or self.args.config, "--checkpoint", checkpoint,
+            "--output_dir", str(self.out / (directory or SOURCES[row])), *self.overrides,
+            f"retrieval.eval_images={images}", f"retrieval.top_k={top_k or self.num_captions(images)}",
+        ])
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    def rerank(self, directory: str, retrieval_dir: str, top_m: int, alpha: float, images: int) -> None:
+        """`rerank.py` of a retrieval directory's top-M."""
+        import rerank
 
-
-def run_biencoder(checkpoint: str, cfg: RunConfig, txt_db, img_db, images: Sequence[str], rows: Sequence[int],
-                  batch_size: int, device: torch.device, precision) -> tuple[np.ndarray, dict[str, float]]:
-    """(captions x images) scores of a bi-encoder and its timings (encode, score)."""
-    model, _ = load_biencoder(checkpoint, cfg)
-    model.to(device)
-    _sync(device)
-    t0 = time.perf_counter()
-    txt = _embed(model, torch.utils.data.Subset(TextEvalDataset(txt_db), list(rows)), text_eval_collate, "txt",
-                 batch_size, device, precision)
-    img = _embed(model, ImageEvalDataset(img_db, images), image_eval_collate, "img", batch_size, device, precision)
-    _sync(device)
-    t1 = time.perf_counter()
-    scores = (txt @ img.t()).cpu().numpy()
-    t2 = time.perf_counter()
-    return scores, {"encode_s": t1 - t0, "score_s": t2 - t1}
-
-
-def run_cross_encoder(checkpoint: str, model_config: str | None, cfg: RunConfig, txt_db, img_db,
-                      images: Sequence[str], rows: Sequence[int], batch_size: int, device: torch.device,
-                      precision) -> tuple[np.ndarray, dict[str, float]]:
-    """(captions x images) scores of the cross-encoder over every pair, and its timing."""
-    model, _ = load_cross_encoder(checkpoint, model_config, cfg)
-    check_vocabulary(model, txt_db, checkpoint)
-    model.to(device)
-    scorer = CrossEncoderScorer(model, txt_db, img_db, batch_size, device, precision)
-    txt_ids = [txt_db.ids[r] for r in rows]
-    pairs = [(t, i) for t in txt_ids for i in images]
-    _sync(device)
-    t0 = time.perf_counter()
-    scores = scorer(pairs).reshape(len(txt_ids), len(images))
-    _sync(device)
-    return scores, {"encode_s": 0.0, "score_s": time.perf_counter() - t0}
-
-
-def chance_row(num_images: int, txt2img: np.ndarray) -> dict[str, Any]:
-    """Expected recall of random scores on the subset, in percent."""
-    t2i = {f"R@{k}": 100.0 * min(1.0, k / num_images) for k in KS}
-    counts = np.bincount(txt2img, minlength=num_images)
-    n_txt = len(txt2img)
-    i2t = {}
-    for k in KS:
-        # An image with c captions among n misses all of them in a random top k.
-        miss = [np.prod([(n_txt - c - j) / (n_txt - j) for j in range(min(k, n_txt))]) for c in counts]
-        i2t[f"R@{k}"] = 100.0 * (1.0 - float(np.mean(miss)))
-    return {"text_to_image": t2i, "image_to_text": i2t, "rsum": sum(t2i.values()) + sum(i2t.values())}
-
-
-def format_table(rows: dict[str, dict[str, Any]], num_images: int, num_captions: int) -> str:
-    """Markdown table: TR = image->text (text retrieval), IR = text->image."""
-    head = ("| system | TR R@1 | TR R@5 | TR R@10 | IR R@1 | IR R@5 | IR R@10 | RSUM | "
-            "encode s | score s | total s |")
-    lines = [f"{num_images} images x {num_captions} captions; every caption ranked against every image",
-             head, "|" + "---|" * 11]
-    for name, row in rows.items():
-        cells = [f"{row['image_to_text'][f'R@{k}']:.2f}" for k in KS]
-        cells += [f"{row['text_to_image'][f'R@{k}']:.2f}" for k in KS]
-        cells.append(f"{row['rsum']:.2f}")
-        timing = row.get("timing")
-        cells += ([f"{timing['encode_s']:.2f}", f"{timing['score_s']:.2f}",
-                   f"{timing['encode_s'] + timing['score_s']:.2f}"] if timing else ["", "", ""])
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rerank.main([
+            "--config", self.args.config, "--retrieval_dir", str(self.out / retrieval_dir),
+            "--reranker_checkpoint", self.args.cross_encoder, "--top_m", str(top_m), "--alpha", str(alpha),
+            "--output_dir", str(self.out / directory), *self.overrides, f"retrieval.eval_images={images}",
+        ])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Compare the systems given; returns the table as a dict (also printed / written)."""
+    """Run every evaluation the arguments ask for; returns the summary (also printed / written)."""
     args = parse_args(argv)
-    cfg = run_config_from_args(args)
-    systems = {"lightningdot": args.lightningdot, "vldeformer": args.vldeformer,
-               "cross_encoder_all_pairs": args.cross_encoder}
-    if not any(systems.values()):
-        raise ConfigError("give at least one of --lightningdot, --vldeformer, --cross_encoder")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    precision = pick_precision("auto", cfg.train.precision, device)
-    split = resolve_split(cfg)
-    txt_db, img_db = open_split(split)
-    images, rows, txt2img = select_subset(txt_db, args.num_images, args.num_captions)
-    batch_size = args.batch_size or cfg.train.val_batch_size
-    table: dict[str, dict[str, Any]] = {"chance": chance_row(len(images), txt2img)}
-    for name, checkpoint in systems.items():
-        if not checkpoint:
-            continue
-        logger.info("%s: scoring %d captions x %d images", name, len(rows), len(images))
-        if name == "cross_encoder_all_pairs":
-            scores, timing = run_cross_encoder(checkpoint, args.cross_encoder_config, cfg, txt_db, img_db,
-                                               images, rows, batch_size, device, precision)
-        else:
-            scores, timing = run_biencoder(checkpoint, cfg, txt_db, img_db, images, rows, batch_size, device,
-                                           precision)
-        table[name] = {**recall_from_scores(scores, txt2img, KS), "timing": timing, "checkpoint": str(checkpoint)}
-    print(format_table(table, len(images), len(rows)))
-    result = {"split": split.name, "num_images": len(images), "num_captions": len(rows), "device": str(device),
-              "systems": table}
-    if args.output:
-        atomic_write_json(args.output, result, indent=2)
-    return result
+    checkpoints = {row: getattr(args, row) for row in BIENCODER_ROWS if getattr(args, row)}
+    if not checkpoints:
+        raise ConfigError("give at least one bi-encoder: --lightningdot, --vldeformer, --vldeformer_no_bimodal, "
+                          "--hivlp or --zero_shot")
+    if args.cross_encoder and not args.lightningdot:
+        raise ConfigError("--cross_encoder re-ranks LightningDOT's lists: give --lightningdot too")
+    if args.hivlp_config and not args.hivlp:
+        raise ConfigError("--hivlp_config searches --hivlp coarse to fine: give --hivlp too")
+    if args.hivlp_config and not load_config(args.hivlp_config, args.overrides, LIGHTNINGDOT_EVAL_ITM).retrieval.cascade:
+        raise ConfigError(f"--hivlp_config {args.hivlp_config}: retrieval.cascade is empty; the cascade row needs it")
+    if args.num_images < 1 or args.ratio_images < 0 or args.ratio_images >= args.num_images:
+        raise ConfigError("--num_images must be positive and --ratio_images in [0, --num_images)")
+    top_m = args.top_m or max(1, args.num_images // 10)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run = Comparison(args)
+    images = args.num_images
+
+    for row, checkpoint in checkpoints.items():
+        run.evaluate(row, checkpoint, images)
+    if args.hivlp_config:
+        run.evaluate("hivlp_cascade", args.hivlp, images, config=args.hivlp_config, top_k=top_m)
+    ratio = None
+    if args.cross_encoder:
+        run.rerank(SOURCES["cross_encoder"], SOURCES["lightningdot"], run.num_captions(images), 0.0, images)
+        run.rerank(SOURCES["lightningdot_reranked"], SOURCES["lightningdot"], top_m, args.alpha, images)
+        if args.ratio_images:
+            small = args.ratio_images
+            run.evaluate("lightningdot", args.lightningdot, small, directory="eval_lightningdot_small")
+            run.rerank("cross_encoder_all_pairs_small", "eval_lightningdot_small", run.num_captions(small), 0.0, small)
+            run.rerank("rerank_small", "eval_lightningdot_small", top_m, args.alpha, small)
+            ratio = cost_ratio(run.out)
+
+    measured = [*checkpoints, *(["hivlp_cascade"] if args.hivlp_config else []),
+                *(["cross_encoder", "lightningdot_reranked"] if args.cross_encoder else [])]
+    rows, settings = collect_rows(run.out, measured)
+    split = settings["split"]
+    chance = chance_recall(split["images"], max(1, round(split["captions"] / split["images"])))
+    found = claims(rows, ratio, settings.get("top_m"), split["images"])
+    summary = {"rows": rows, "chance": chance, **settings, "cost_ratio": ratio, "claims": found}
+    atomic_write_json(run.out / SUMMARY_FILE, summary, indent=2)
+    print(f"\nRecall (%) and seconds on {split['subset']}")
+    print(format_table(rows, chance))
+    if ratio:
+        print("\nThe cross-encoder's seconds: all pairs against the re-ranked top-M")
+        print(format_ratio(ratio))
+    if found:
+        print("\nThe papers' claims on this data:")
+        print(format_claims(found))
+    print(f"\nsummary: {run.out / SUMMARY_FILE}")
+    return summary
 
 
 if __name__ == "__main__":

@@ -1,40 +1,49 @@
-"""The whole pipeline on generated data: what `make demo` runs.
+"""The whole pipeline on generated data, and the three papers' claims measured on it: `make demo`.
 
-    python scripts/demo.py [--run_dir runs/demo] [--preset demo|tiny] [--fresh]
+    python scripts/demo.py [--run_dir runs/demo] [--preset demo|tiny] [--seed 42] [--fresh]
+    python scripts/demo.py --seeds 42,43,44 [--run_dir runs/demo_seeds]   # the three-seed table
 
-Stages (each skipped when its output is already there, unless --fresh):
+Stages (each skipped when its output is already there, unless --fresh), run by two worker
+processes of one thread each, every stage as soon as what it needs is built:
 
 1. generate the structured synthetic dataset (train / val / test) in the real formats, and
    render the test split's scenes as PNGs (for the search page);
-2. pre-train a tiny bi-encoder with CMR + VMLM + SMRM (`pretrain.py`);
-3. evaluate it zero-shot on the test split (`inference.py`);
-4. fine-tune it (`train_itm.py`) and evaluate the best checkpoint (`inference.py`);
-5. fine-tune it again with the HiVLP prefix hierarchy and evaluate it twice: flat search of
-   the full embedding, and the coarse-to-fine cascade over its prefixes (`retrieval.cascade`);
-6. train a tiny UNITER-style cross-encoder (`rerank.py train`) and re-rank the fine-tuned
-   bi-encoder's top-M (`rerank.py`), the fusion weight chosen on the val split;
-7. decompose that cross-encoder into a VLDeformer bi-encoder and fine-tune it with bi-modal
-   hard negatives (`train_itm.py`, `model.type: vldeformer`), then evaluate it;
-8. print one table (every row, with chance level and timings) and the wall time of each
-   stage, write both to `summary.json`, write the plots (training curves, recall@K) to
-   `plots/`, run two example text queries and print the command that serves the index.
+2. LightningDOT: pre-train a tiny bi-encoder with CMR + VMLM + SMRM (`pretrain.py`), fine-tune
+   it (`train_itm.py`);
+3. HiVLP: fine-tune it again with the embedding hierarchy, searched flat and coarse to fine;
+4. the cross-encoder, trained as UNITER's was (`rerank.py train`): pre-training on
+   image-caption pairs (ITM with random negatives), then ITM ranking fine-tuning on hard
+   negatives it mines itself;
+5. VLDeformer: decompose that cross-encoder into one text / image encoder and fine-tune it with
+   and without bi-modal negatives (`train_itm.py`, `model.type: vldeformer`);
+6. evaluate every system on one fixed split, the first `eval_images` images of the test split
+   and their captions (`retrieval.eval_images`): the cross-encoder ranking all pairs, every
+   bi-encoder, LightningDOT's top-M re-ranked by the cross-encoder (the fusion weight chosen on
+   the val split); and the cross-encoder's cost of both at two sizes;
+7. print one table (recall and wall time of every row, chance level, each paper's claim next
+   to what the rows show) and the wall time of each stage, write both to `summary.json`, write
+   the plots (training curves; recall@K of every system on one figure), run two example text
+   queries and print the command that serves the index.
 
-Every stage calls the entry point's `main(argv)` in this process, exactly as the command line
-would.
+Every stage calls the entry point's `main(argv)` in a worker, exactly as the command line would.
+With `--seeds`, the whole pipeline runs once per seed (the data shared) and the mean and spread
+of every row go to `seeds_summary.json`.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import io
 import json
 import logging
-import math
+import multiprocessing
 import os
 import shutil
+import statistics
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +53,21 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from data.synthetic import OBJECT_VOCAB
-from utils.errors import run_cli
+from scripts.comparison import (
+    DIRECTIONS,
+    RECALL_KS,
+    ROW_NAMES,
+    SOURCES,
+    chance_recall,
+    claims,
+    collect_rows,
+    cost_ratio,
+    format_claims,
+    format_ratio,
+    format_table,
+    read_json,
+)
+from utils.errors import UsageError, run_cli
 from utils.files import atomic_write_json
 from utils.run_files import (
     BIENCODER_BEST,
@@ -52,7 +75,6 @@ from utils.run_files import (
     CROSS_ENCODER_BEST,
     INFO_FILE,
     PRETRAIN_FINAL,
-    RECALL_FILE,
     RERANK_FILE,
     SCORES_FILE,
     SUMMARY_FILE,
@@ -63,104 +85,66 @@ logger = logging.getLogger("demo")
 
 DEMO_CONFIGS = REPO / "configs" / "demo"
 SCENES_DIR = "scenes"
-RECALL_KS = (1, 5, 10)
+SEEDS_SUMMARY_FILE = "seeds_summary.json"
+# Worker processes, one thread each: the tiny models run faster on one thread per process
+# than on two, and two stages at once keep both cores busy.
+WORKERS = 2
 
 
 @dataclass(frozen=True)
 class Preset:
-    """Data sizes and step counts of one demo scale."""
+    """Data sizes, the evaluation split and the step counts of one demo scale."""
 
     num_train: int
     num_val: int
     num_test: int
+    # The fixed split of the comparison table: the first N test images and their captions.
+    eval_images: int
+    # The second, smaller size at which the cross-encoder's cost of both rankings is measured.
+    ratio_images: int
+    # Re-ranked candidates per query: at most a tenth of `eval_images`.
+    top_m: int
     pretrain_steps: int
     finetune_epochs: int
-    rerank_steps: int
+    cross_encoder_pretrain_steps: int
+    cross_encoder_steps: int
     vldeformer_steps: int
-    top_m: int
     overrides: tuple[str, ...] = field(default_factory=tuple)
 
 
 PRESETS = {
-    # `make demo`: a few thousand images, 500 x 5 in test; under 10 minutes on 2 cores.
-    "demo": Preset(num_train=3000, num_val=200, num_test=500, pretrain_steps=800,
-                   finetune_epochs=3, rerank_steps=600, vldeformer_steps=600, top_m=20),
+    # `make demo`: a few thousand images; under 10 minutes on 2 cores.
+    "demo": Preset(num_train=3000, num_val=200, num_test=500, eval_images=100, ratio_images=50, top_m=10,
+                   pretrain_steps=800, finetune_epochs=3, cross_encoder_pretrain_steps=600,
+                   cross_encoder_steps=900, vldeformer_steps=600),
     # The reduced pipeline `make test` runs (tests/test_demo_pipeline.py).
-    "tiny": Preset(num_train=600, num_val=50, num_test=100, pretrain_steps=200,
-                   finetune_epochs=4, rerank_steps=300, vldeformer_steps=200, top_m=10,
-                   overrides=("valid_steps=100",)),
+    "tiny": Preset(num_train=600, num_val=50, num_test=100, eval_images=100, ratio_images=50, top_m=10,
+                   pretrain_steps=200, finetune_epochs=4, cross_encoder_pretrain_steps=200,
+                   cross_encoder_steps=200, vldeformer_steps=200, overrides=("valid_steps=100",)),
 }
-
-
-def _chance_recall(num_images: int, captions_per_image: int) -> dict[str, Any]:
-    """Expected recall of random scores, in percent.
-
-    Image retrieval: the one right image among N lands in the top k with probability k / N.
-    Text retrieval: at least one of the image's c captions among the top k of the c * N
-    captions: 1 - C(cN - c, k) / C(cN, k).
-    """
-    num_captions = num_images * captions_per_image
-    t2i = {f"R@{k}": 100.0 * min(1.0, k / num_images) for k in RECALL_KS}
-    i2t = {}
-    for k in RECALL_KS:
-        miss = math.comb(num_captions - captions_per_image, k) / math.comb(num_captions, k)
-        i2t[f"R@{k}"] = 100.0 * (1.0 - miss)
-    rsum = sum(t2i.values()) + sum(i2t.values())
-    return {"text_to_image": t2i, "image_to_text": i2t, "rsum": rsum}
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write_json(path, data, indent=2)
 
 
+@dataclass(frozen=True)
 class Demo:
-    """Runs the stages in order, reusing finished ones."""
+    """The stages of one demo run; picklable, so the worker processes can run them."""
 
-    def __init__(self, run_dir: Path, preset: Preset, fresh: bool) -> None:
-        self.run_dir = run_dir
-        self.preset = preset
-        self.fresh = fresh
-        self.data_dir = run_dir / "data"
-        # Wall seconds of each stage that ran in this invocation (reused ones keep the
-        # figure of the run that made them, read back from summary.json).
-        self.stage_s: dict[str, float] = {}
-        self.reused: list[str] = []
-        # Steps that ran (not reused) so far.
-        self.ran = 0
-
-    @contextlib.contextmanager
-    def timed(self, name: str) -> Iterator[None]:
-        """Record the wall time of one stage under `name`.
-
-        A stage whose every step was reused keeps the time of the run that made it.
-        """
-        ran_before = self.ran
-        t0 = time.perf_counter()
-        yield
-        elapsed = time.perf_counter() - t0
-        if self.ran == ran_before:
-            previous = _read_json(self.run_dir / SUMMARY_FILE) if (self.run_dir / SUMMARY_FILE).is_file() else {}
-            elapsed = previous.get("stage_s", {}).get(name, elapsed)
-        self.stage_s[name] = elapsed
-
-    def stage_seconds(self) -> dict[str, float]:
-        """Wall seconds per stage, in the order they ran."""
-        return dict(self.stage_s)
+    run_dir: Path
+    preset: Preset
+    fresh: bool
+    seed: int
+    data_dir: Path
 
     # ------------------------------------------------------------------ helpers
     def _stage(self, name: str, done_marker: Path) -> bool:
         """True when the stage must run; prints what is reused."""
         if done_marker.exists() and not self.fresh:
-            print(f"[demo] {name}: reusing {done_marker.relative_to(self.run_dir)}")
-            self.reused.append(name)
+            print(f"[demo] {name}: reusing {done_marker.relative_to(self.run_dir)}", flush=True)
             return False
         print(f"[demo] {name} ...", flush=True)
-        self.ran += 1
         return True
 
     def _data_overrides(self) -> list[str]:
@@ -176,128 +160,204 @@ class Demo:
             f"model.tokenizer={d / 'tokenizer'}",
         ]
 
-    def _pretrain_overrides(self) -> list[str]:
+    def _datasets_overrides(self, tasks: str, ratios: str) -> list[str]:
+        """Pre-training datasets (train split to train, val split to validate) of `tasks`."""
         d = self.data_dir
-        datasets = (
-            f"data.train_datasets=[{{name: synthetic, db: [{d / 'txt_db/train'}], img: [{d / 'img_db'}], "
-            "tasks: [itm, mlm, mrfr, mrckl], mix_ratio: [4, 2, 1, 1]}]"
-        )
-        val = (
-            f"data.val_datasets=[{{name: synthetic, db: [{d / 'txt_db/val'}], img: [{d / 'img_db'}], "
-            "tasks: [itm, mlm, mrfr, mrckl]}]"
-        )
-        return [datasets, val, f"model.tokenizer={d / 'tokenizer'}"]
+        train = f"{{name: synthetic, db: [{d / 'txt_db/train'}], img: [{d / 'img_db'}], tasks: [{tasks}], mix_ratio: [{ratios}]}}"
+        val = f"{{name: synthetic, db: [{d / 'txt_db/val'}], img: [{d / 'img_db'}], tasks: [{tasks}]}}"
+        return [f"data.train_datasets=[{train}]", f"data.val_datasets=[{val}]", f"model.tokenizer={d / 'tokenizer'}"]
 
-    # ------------------------------------------------------------------ stages
-    def generate_data(self) -> dict[str, Any]:
-        from data.synthetic import SyntheticConfig, generate
+    def _run_overrides(self) -> list[str]:
+        return [f"train.seed={self.seed}", *self.preset.overrides]
 
-        cfg = SyntheticConfig(
-            num_train=self.preset.num_train, num_val=self.preset.num_val, num_test=self.preset.num_test
-        )
-        if self.fresh and self.data_dir.exists():
-            shutil.rmtree(self.data_dir)
-        print("[demo] synthetic data (reused when its arguments match) ...", flush=True)
-        return generate(str(self.data_dir), cfg, progress=True)
+    def path(self, name: str) -> Path:
+        """The output directory of a stage."""
+        return self.run_dir / name
 
-    def render_scenes(self) -> Path:
-        """Pictures of the test split's scenes, for the search page."""
-        from data.scene_render import render_split
-
-        out = self.run_dir / SCENES_DIR
-        if self._stage("test-split scenes (PNG)", out / ".done"):
-            render_split(self.data_dir, "test", out)
-            (out / ".done").touch()
-        return out
-
-    def plots(self) -> list[Path]:
-        """Training curves of every run and recall@K curves of every evaluated row."""
-        from scripts.plots import write_plots
-
-        return write_plots([self.run_dir])
-
-    def pretrain(self) -> Path:
+    # ------------------------------------------------------------------ training stages
+    def pretrain(self) -> bool:
         import pretrain
 
-        out = self.run_dir / "pretrain"
-        ckpt = out / CKPT_DIR / PRETRAIN_FINAL
-        if self._stage("pre-training (CMR + VMLM + SMRM)", ckpt):
-            pretrain.main([
-                "--config", str(DEMO_CONFIGS / "pretrain.yaml"), "--output_dir", str(out), "--overwrite",
-                f"num_train_steps={self.preset.pretrain_steps}",
-                *self._pretrain_overrides(), *self.preset.overrides,
-            ])
-        return ckpt
+        out = self.path("pretrain")
+        if not self._stage("LightningDOT pre-training (CMR + VMLM + SMRM)", out / CKPT_DIR / PRETRAIN_FINAL):
+            return False
+        pretrain.main([
+            "--config", str(DEMO_CONFIGS / "pretrain.yaml"), "--output_dir", str(out), "--overwrite",
+            f"num_train_steps={self.preset.pretrain_steps}",
+            *self._datasets_overrides("itm, mlm, mrfr, mrckl", "4, 2, 1, 1"), *self._run_overrides(),
+        ])
+        return True
 
-    def evaluate(self, name: str, checkpoint: Path, split: str = "test", config: str = "finetune.yaml") -> dict[str, Any]:
-        import inference
-
-        out = self.run_dir / name
-        if self._stage(f"evaluation '{name}'", out / INFO_FILE):
-            inference.main([
-                "--config", str(DEMO_CONFIGS / config), "--checkpoint", str(checkpoint),
-                "--output_dir", str(out), f"retrieval.eval_split={split}", *self._data_overrides(),
-            ])
-        return {"recall": _read_json(out / RECALL_FILE), "info": _read_json(out / INFO_FILE)}
-
-    def finetune(self, name: str, config: str, init: Sequence[str], what: str = "fine-tuning",
-                 length: str | None = None) -> Path:
-        """`train_itm.py` with a demo config from the initial weights `init` names.
-
-        `length` is the run-length override (default: the preset's fine-tuning epochs).
-        """
+    def _finetune(self, name: str, config: str, init: Sequence[str], what: str, length: str) -> bool:
+        """`train_itm.py` with a demo config from the initial weights `init` names."""
         import train_itm
 
-        out = self.run_dir / name
-        best = out / CKPT_DIR / BIENCODER_BEST
-        if self._stage(what, out / TEST_RESULTS_FILE):
-            train_itm.main([
-                "--config", str(DEMO_CONFIGS / config), "--output_dir", str(out), "--overwrite", *init,
-                length or f"num_train_epochs={self.preset.finetune_epochs}",
-                *self._data_overrides(), *self.preset.overrides,
-            ])
-        return best
+        out = self.path(name)
+        if not self._stage(what, out / TEST_RESULTS_FILE):
+            return False
+        train_itm.main([
+            "--config", str(DEMO_CONFIGS / config), "--output_dir", str(out), "--overwrite", *init, length,
+            *self._data_overrides(), *self._run_overrides(),
+        ])
+        return True
 
-    def train_reranker(self, pretrained: Path, biencoder: Path) -> Path:
+    def finetune(self) -> bool:
+        return self._finetune("finetune", "finetune.yaml", [f"model.biencoder_checkpoint={self.pretrained}"],
+                              "LightningDOT fine-tuning", f"num_train_epochs={self.preset.finetune_epochs}")
+
+    def finetune_hivlp(self) -> bool:
+        return self._finetune("finetune_hivlp", "finetune_hivlp.yaml",
+                              [f"model.biencoder_checkpoint={self.pretrained}"],
+                              "HiVLP fine-tuning (embedding hierarchy)",
+                              f"num_train_epochs={self.preset.finetune_epochs}")
+
+    def cross_encoder_pretrain(self) -> bool:
         import rerank
 
-        out = self.run_dir / "reranker"
-        best = out / CKPT_DIR / CROSS_ENCODER_BEST
-        if self._stage("cross-encoder training", best):
-            rerank.main([
-                "train", "--config", str(DEMO_CONFIGS / "rerank.yaml"), "--output_dir", str(out), "--overwrite",
-                # UNITER-style init from the pre-trained image tower (the paper re-ranks with
-                # a pre-trained UNITER); hard negatives mined with the fine-tuned bi-encoder.
-                f"cross_encoder.checkpoint={pretrained}",
-                f"model.biencoder_checkpoint={biencoder}",
-                f"num_train_steps={self.preset.rerank_steps}",
-                *self._data_overrides(), *self.preset.overrides,
-            ])
-        return best
+        out = self.path("cross_encoder_pretrain")
+        if not self._stage("cross-encoder pre-training (UNITER's ITM)", out / CKPT_DIR / CROSS_ENCODER_BEST):
+            return False
+        rerank.main([
+            "train", "--config", str(DEMO_CONFIGS / "cross_encoder_pretrain.yaml"), "--output_dir", str(out),
+            "--overwrite", f"num_train_steps={self.preset.cross_encoder_pretrain_steps}",
+            *self._data_overrides(), *self._datasets_overrides("itm", "1"), *self._run_overrides(),
+        ])
+        return True
 
-    def rerank(self, name: str, retrieval_dir: Path, reranker: Path, alpha: float, split: str = "test") -> dict[str, Any]:
+    def cross_encoder(self) -> bool:
         import rerank
 
-        out = self.run_dir / name
-        if self._stage(f"re-ranking '{name}'", out / RERANK_FILE):
-            out.mkdir(parents=True, exist_ok=True)
-            rerank.main([
-                "--config", str(DEMO_CONFIGS / "rerank.yaml"), "--retrieval_dir", str(retrieval_dir),
-                "--reranker_checkpoint", str(reranker), "--top_m", str(self.preset.top_m),
-                "--alpha", str(alpha), "--output_dir", str(out), f"retrieval.eval_split={split}",
-                *self._data_overrides(),
-            ])
-        return _read_json(out / RERANK_FILE)
+        out = self.path("cross_encoder")
+        if not self._stage("cross-encoder ITM fine-tuning on its own hard negatives", out / CKPT_DIR / CROSS_ENCODER_BEST):
+            return False
+        rerank.main([
+            "train", "--config", str(DEMO_CONFIGS / "rerank.yaml"), "--output_dir", str(out), "--overwrite",
+            f"cross_encoder.checkpoint={self.path('cross_encoder_pretrain') / CKPT_DIR / CROSS_ENCODER_BEST}",
+            f"num_train_steps={self.preset.cross_encoder_steps}",
+            *self._data_overrides(), *self._run_overrides(),
+        ])
+        return True
 
-    def examples(self, index_dir: Path, checkpoint: Path, reranked_dir: Path) -> list[dict[str, Any]]:
+    def _vldeformer(self, name: str, config: str, what: str) -> bool:
+        return self._finetune(
+            name, config,
+            [f"model.uniter_checkpoint={self.reranker}", f"data.bimodal_negatives.vocab={self.data_dir / OBJECT_VOCAB}"],
+            what, f"num_train_steps={self.preset.vldeformer_steps}",
+        )
+
+    def vldeformer(self) -> bool:
+        return self._vldeformer("vldeformer", "vldeformer.yaml",
+                                "VLDeformer: decompose the cross-encoder, bi-modal negatives")
+
+    def vldeformer_no_bimodal(self) -> bool:
+        return self._vldeformer("vldeformer_no_bimodal", "vldeformer_no_bimodal.yaml",
+                                "VLDeformer without bi-modal negatives")
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def pretrained(self) -> Path:
+        return self.path("pretrain") / CKPT_DIR / PRETRAIN_FINAL
+
+    @property
+    def reranker(self) -> Path:
+        return self.path("cross_encoder") / CKPT_DIR / CROSS_ENCODER_BEST
+
+    def checkpoint(self, run: str) -> Path:
+        return self.path(run) / CKPT_DIR / BIENCODER_BEST
+
+    # ------------------------------------------------------------------ evaluation stages
+    def _evaluate(self, name: str, checkpoint: Path, config: str = "finetune.yaml", split: str = "test",
+                  images: int | None = None, top_k: int | None = None) -> bool:
+        """`inference.py` on the first `images` images of `split` (default: the table's split)."""
+        import inference
+
+        out = self.path(name)
+        if not self._stage(f"evaluation '{name}'", out / INFO_FILE):
+            return False
+        images = images or self.preset.eval_images
+        inference.main([
+            "--config", str(DEMO_CONFIGS / config), "--checkpoint", str(checkpoint), "--output_dir", str(out),
+            f"retrieval.eval_split={split}", f"retrieval.eval_images={images}",
+            # Complete lists: the all-pairs cross-encoder re-ranks every image and caption.
+            f"retrieval.top_k={top_k or 5 * images}", *self._data_overrides(),
+        ])
+        return True
+
+    def eval_zero_shot(self) -> bool:
+        return self._evaluate("eval_zero_shot", self.pretrained)
+
+    def eval_lightningdot(self) -> bool:
+        return self._evaluate("eval_lightningdot", self.checkpoint("finetune"))
+
+    def eval_lightningdot_val(self) -> bool:
+        return self._evaluate("eval_lightningdot_val", self.checkpoint("finetune"), split="val")
+
+    def eval_lightningdot_small(self) -> bool:
+        return self._evaluate("eval_lightningdot_small", self.checkpoint("finetune"), images=self.preset.ratio_images)
+
+    def eval_hivlp(self) -> bool:
+        return self._evaluate("eval_hivlp", self.checkpoint("finetune_hivlp"))
+
+    def eval_hivlp_cascade(self) -> bool:
+        # The cascade keeps the re-ranker's top-M lists at its last stage (finetune_hivlp.yaml).
+        return self._evaluate("eval_hivlp_cascade", self.checkpoint("finetune_hivlp"), config="finetune_hivlp.yaml",
+                              top_k=self.preset.top_m)
+
+    def eval_vldeformer(self) -> bool:
+        return self._evaluate("eval_vldeformer", self.checkpoint("vldeformer"), config="vldeformer.yaml")
+
+    def eval_vldeformer_no_bimodal(self) -> bool:
+        return self._evaluate("eval_vldeformer_no_bimodal", self.checkpoint("vldeformer_no_bimodal"),
+                              config="vldeformer.yaml")
+
+    def _rerank(self, name: str, retrieval_dir: str, top_m: int, alpha: float | None = None,
+                split: str = "test", images: int | None = None) -> bool:
+        """`rerank.py` of a retrieval directory's top-M; `alpha` None: the one chosen on val."""
+        import rerank
+
+        out = self.path(name)
+        if not self._stage(f"re-ranking '{name}'", out / RERANK_FILE):
+            return False
+        if alpha is None:
+            alpha = choose_alpha(read_json(self.path("rerank_val") / RERANK_FILE)["alpha_sweep"])
+        out.mkdir(parents=True, exist_ok=True)
+        rerank.main([
+            "--config", str(DEMO_CONFIGS / "rerank.yaml"), "--retrieval_dir", str(self.path(retrieval_dir)),
+            "--reranker_checkpoint", str(self.reranker), "--top_m", str(top_m), "--alpha", str(alpha),
+            "--output_dir", str(out), f"retrieval.eval_split={split}",
+            f"retrieval.eval_images={images or self.preset.eval_images}", *self._data_overrides(),
+        ])
+        return True
+
+    def rerank_val(self) -> bool:
+        # The fusion weight is chosen on the val split (the alpha sweep of rerank.json).
+        return self._rerank("rerank_val", "eval_lightningdot_val", self.preset.top_m, alpha=0.0, split="val")
+
+    def rerank(self) -> bool:
+        return self._rerank("rerank", "eval_lightningdot", self.preset.top_m)
+
+    def rerank_small(self) -> bool:
+        return self._rerank("rerank_small", "eval_lightningdot_small", self.preset.top_m,
+                            images=self.preset.ratio_images)
+
+    def cross_encoder_all_pairs(self) -> bool:
+        # Every caption against every image: the complete lists re-ranked by the cross-encoder alone.
+        return self._rerank("cross_encoder_all_pairs", "eval_lightningdot", 5 * self.preset.eval_images, alpha=0.0)
+
+    def cross_encoder_all_pairs_small(self) -> bool:
+        return self._rerank("cross_encoder_all_pairs_small", "eval_lightningdot_small", 5 * self.preset.ratio_images,
+                            alpha=0.0, images=self.preset.ratio_images)
+
+    # ------------------------------------------------------------------ after the stages
+    def examples(self) -> list[dict[str, Any]]:
         """Two test captions as typed queries: bi-encoder top 3, then the re-ranked top 3."""
         import inference
         from data.synthetic import COLOURS
         from data.txt_db import TxtDb
 
-        objects = _read_json(self.data_dir / "objects.json")
-        fused = _read_json(reranked_dir / SCORES_FILE)["text_to_image"]
-        test_db = TxtDb(str(self.data_dir / "txt_db" / "test"))
+        objects = read_json(self.data_dir / "objects.json")
+        fused = read_json(self.path("rerank") / SCORES_FILE)["text_to_image"]
+        test_db = TxtDb(str(self.data_dir / "txt_db" / "test"), num_images=self.preset.eval_images)
         # Captions that bind colours to two objects show what the models must get right.
         chosen: list[str] = []
         for txt_id in test_db.ids:
@@ -313,8 +373,9 @@ class Demo:
             # The query CLI prints bare names; the demo prints them with their objects instead.
             with contextlib.redirect_stdout(io.StringIO()):
                 hits = inference.main([
-                    "query", "--index_dir", str(index_dir), "--checkpoint", str(checkpoint),
-                    "--tokenizer", str(self.data_dir / "tokenizer"), "--top_k", "3", text,
+                    "query", "--index_dir", str(self.path("eval_lightningdot")), "--checkpoint",
+                    str(self.checkpoint("finetune")), "--tokenizer", str(self.data_dir / "tokenizer"), "--top_k", "3",
+                    text,
                 ])
             print("  bi-encoder top 3:")
             for rank, (name, _) in enumerate(hits["results"], 1):
@@ -326,6 +387,83 @@ class Demo:
                           "reranked": fused.get(txt_id, [])[:3]})
         print("  (* marks the image the caption was written for)")
         return shown
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the pipeline: a `Demo` method, run once everything in `deps` is built."""
+
+    name: str
+    deps: tuple[str, ...] = ()
+
+
+# In priority order: when more stages are ready than workers are free, the earlier goes first
+# (the cross-encoder chain is the longest, so it starts at once).
+STAGES = (
+    Stage("cross_encoder_pretrain"),
+    Stage("pretrain"),
+    Stage("cross_encoder", ("cross_encoder_pretrain",)),
+    Stage("finetune", ("pretrain",)),
+    Stage("eval_zero_shot", ("pretrain",)),
+    Stage("finetune_hivlp", ("pretrain",)),
+    Stage("vldeformer", ("cross_encoder",)),
+    Stage("vldeformer_no_bimodal", ("cross_encoder",)),
+    Stage("eval_lightningdot", ("finetune",)),
+    Stage("eval_lightningdot_val", ("finetune",)),
+    Stage("eval_lightningdot_small", ("finetune",)),
+    Stage("eval_hivlp", ("finetune_hivlp",)),
+    Stage("eval_hivlp_cascade", ("finetune_hivlp",)),
+    Stage("rerank_val", ("eval_lightningdot_val", "cross_encoder")),
+    Stage("rerank", ("eval_lightningdot", "rerank_val")),
+    Stage("rerank_small", ("eval_lightningdot_small", "rerank_val")),
+    Stage("cross_encoder_all_pairs", ("eval_lightningdot", "cross_encoder")),
+    Stage("cross_encoder_all_pairs_small", ("eval_lightningdot_small", "cross_encoder")),
+    Stage("eval_vldeformer", ("vldeformer",)),
+    Stage("eval_vldeformer_no_bimodal", ("vldeformer_no_bimodal",)),
+)
+
+
+def _single_thread_worker() -> None:
+    """A worker process: one thread for torch and OpenMP, progress as plain lines (two stages
+    write to one terminal at once)."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["LIGHTNINGDOT_PROGRESS"] = "lines"
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _run_stage(demo: Demo, name: str) -> tuple[bool, float]:
+    """Run one stage in a worker: (whether it ran, its wall seconds)."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    t0 = time.perf_counter()
+    ran = getattr(demo, name)()
+    return ran, time.perf_counter() - t0
+
+
+def run_stages(demo: Demo, stages: Sequence[Stage], workers: int = WORKERS) -> dict[str, tuple[bool, float]]:
+    """Run every stage, each as soon as its dependencies are built, on `workers` processes.
+
+    Returns:
+        Stage name -> (whether it ran, wall seconds), in completion order.
+    """
+    by_name = {s.name: s for s in stages}
+    done: dict[str, tuple[bool, float]] = {}
+    running: dict[concurrent.futures.Future, str] = {}
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_single_thread_worker) as pool:
+        while len(done) < len(stages):
+            ready = [s for s in stages if s.name not in done and s.name not in running.values()
+                     and all(d in done for d in s.deps)]
+            for stage in ready[: workers - len(running)]:
+                running[pool.submit(_run_stage, demo, stage.name)] = stage.name
+            if not running:
+                missing = {s.name: [d for d in s.deps if d not in by_name] for s in stages if s.name not in done}
+                raise RuntimeError(f"stages that can never run: {missing}")
+            finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in finished:
+                done[running.pop(future)] = future.result()
+    return done
 
 
 def _describe(objs: list[Any]) -> str:
@@ -340,12 +478,12 @@ def _describe(objs: list[Any]) -> str:
     return ", ".join(parts) if parts else "(no objects recorded)"
 
 
-def choose_alpha(sweep: dict[str, dict[str, Any]]) -> float:
+def choose_alpha(sweep: Mapping[str, Mapping[str, Any]]) -> float:
     """The fusion weight with the best R@1 (both directions summed; RSUM breaks ties).
 
     alpha 1.0 (the bi-encoder alone) is left out: the point is the re-ranker's contribution.
     """
-    def key(item: tuple[str, dict[str, Any]]) -> tuple[float, float]:
+    def key(item: tuple[str, Mapping[str, Any]]) -> tuple[float, float]:
         recall = item[1]
         return (recall["text_to_image"]["R@1"] + recall["image_to_text"]["R@1"], recall["rsum"])
 
@@ -353,153 +491,187 @@ def choose_alpha(sweep: dict[str, dict[str, Any]]) -> float:
     return float(max(candidates, key=key)[0])
 
 
-def _row(recall: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "text_to_image": {f"R@{k}": recall["text_to_image"][f"R@{k}"] for k in RECALL_KS},
-        "image_to_text": {f"R@{k}": recall["image_to_text"][f"R@{k}"] for k in RECALL_KS},
-        "rsum": recall["rsum"],
-    }
-
-
-def format_table(rows: dict[str, dict[str, Any]], chance: dict[str, Any], timings: dict[str, dict[str, float]]) -> str:
-    """The demo's one table as markdown."""
-    head = ("| setting | TR R@1 | TR R@5 | TR R@10 | IR R@1 | IR R@5 | IR R@10 | RSUM "
-            "| encode s | search s | re-rank s |")
-    lines = [head, "|" + "---|" * 11]
-    for name, row in [("chance", chance), *rows.items()]:
-        tr, ir = row["image_to_text"], row["text_to_image"]
-        t = timings.get(name, {})
-        cells = [name, *(f"{tr[f'R@{k}']:.2f}" for k in RECALL_KS), *(f"{ir[f'R@{k}']:.2f}" for k in RECALL_KS),
-                 f"{row['rsum']:.2f}"]
-        cells += [f"{t[key]:.2f}" if key in t else "" for key in ("encode", "search", "rerank")]
-        lines.append("| " + " | ".join(cells) + " |")
+def format_stage_times(stage_s: Mapping[str, float], reused: Sequence[str], wall_s: float) -> str:
+    """One line per stage with its wall time; reused stages say so."""
+    lines = ["Wall time per stage (s; two stages run at a time):"]
+    for name, seconds in stage_s.items():
+        lines.append(f"  {name:<30} {seconds:8.1f}{'  (reused)' if name in reused else ''}")
+    lines.append(f"  {'total (wall clock)':<30} {wall_s:8.1f}")
     return "\n".join(lines)
 
 
-def run(run_dir: Path, preset: Preset, fresh: bool, examples: bool = True) -> dict[str, Any]:
-    """All stages; returns the summary written to `run_dir/summary.json`."""
-    started = time.perf_counter()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    demo = Demo(run_dir, preset, fresh)
-    with demo.timed("data"):
-        manifest = demo.generate_data()
-        scenes = demo.render_scenes()
-    with demo.timed("pretrain"):
-        pretrained = demo.pretrain()
-    with demo.timed("eval_zero_shot"):
-        zero_shot = demo.evaluate("eval_zero_shot", pretrained)
-    with demo.timed("finetune"):
-        finetuned_ckpt = demo.finetune("finetune", "finetune.yaml", [f"model.biencoder_checkpoint={pretrained}"])
-    with demo.timed("eval_finetuned"):
-        finetuned = demo.evaluate("eval_finetuned", finetuned_ckpt)
-        # The weight of the bi-encoder score in the fused ranking is chosen on the val split.
-        demo.evaluate("eval_finetuned_val", finetuned_ckpt, split="val")
-    with demo.timed("finetune_hivlp"):
-        hivlp_ckpt = demo.finetune("finetune_hivlp", "finetune_hivlp.yaml", [f"model.biencoder_checkpoint={pretrained}"],
-                                   "fine-tuning with the HiVLP hierarchy")
-    with demo.timed("eval_hivlp"):
-        # The same embeddings searched flat at full dimension, then by the cascade over prefixes.
-        hivlp = demo.evaluate("eval_hivlp", hivlp_ckpt)
-        hivlp_cascade = demo.evaluate("eval_hivlp_cascade", hivlp_ckpt, config="finetune_hivlp.yaml")
-    with demo.timed("train_reranker"):
-        reranker = demo.train_reranker(pretrained, finetuned_ckpt)
-    with demo.timed("rerank"):
-        tuning = demo.rerank("reranked_val", run_dir / "eval_finetuned_val", reranker, 0.0, split="val")
-        alpha = choose_alpha(tuning["alpha_sweep"])
-        print(f"[demo] fused re-ranking weight chosen on val: alpha = {alpha:.1f}")
-        reranked = demo.rerank(f"reranked_alpha{alpha:.1f}", run_dir / "eval_finetuned", reranker, alpha)
+def write_plots(demo: Demo, rows: Mapping[str, Any]) -> list[Path]:
+    """Training curves of every run and one recall@K figure with every system of the table."""
+    from scripts.plots import find_outputs, plot_recall_curves, plot_training
+    from utils.run_files import PLOTS_DIR, RECALL_PLOT, TRAINING_PLOT_SUFFIX
 
-    with demo.timed("vldeformer"):
-        vldeformer_ckpt = demo.finetune(
-            "vldeformer", "vldeformer.yaml",
-            [f"model.uniter_checkpoint={reranker}", f"data.bimodal_negatives.vocab={demo.data_dir / OBJECT_VOCAB}"],
-            "VLDeformer: decompose the cross-encoder, fine-tune with bi-modal negatives",
-            length=f"num_train_steps={preset.vldeformer_steps}",
-        )
-        vldeformer = demo.evaluate("eval_vldeformer", vldeformer_ckpt, config="vldeformer.yaml")
-
-    test_counts = manifest["counts"]["test"]
-    captions_per_image = test_counts["captions"] // test_counts["images"]
-    chance = _chance_recall(test_counts["images"], captions_per_image)
-    rows = {
-        "zero_shot": _row(zero_shot["recall"]),
-        "finetuned": _row(finetuned["recall"]),
-        "reranked": _row(reranked["after"]),
-        "hivlp": _row(hivlp["recall"]),
-        # The cascade's recall is that of its last stage's lists (top_k per query).
-        "hivlp_cascade": _row(hivlp_cascade["recall"]["cascade"]["stages"][-1]["recall"]),
-        "vldeformer": _row(vldeformer["recall"]),
-    }
-    timings = {}
-    for name, result in (("zero_shot", zero_shot), ("finetuned", finetuned), ("hivlp", hivlp),
-                         ("hivlp_cascade", hivlp_cascade), ("vldeformer", vldeformer)):
-        timing = result["info"]["timing"]
-        timings[name] = {"encode": timing["encode_s"], "search": timing["search_s"]}
-    timings["reranked"] = {**timings["finetuned"], "rerank": reranked["timing"]["rerank_s"]}
-    summary = {
-        "rows": rows,
-        "chance": chance,
-        "timing_s": timings,
-        "stage_s": demo.stage_seconds(),
-        "test_split": {"images": test_counts["images"], "captions": test_counts["captions"]},
-        "top_m": reranked.get("top_m"),
-        "alpha": alpha,
-        "reranked_before": _row(reranked["before"]),
-    }
-    summary["total_s"] = sum(summary["stage_s"].values())
-    _write_json(run_dir / SUMMARY_FILE, summary)
-    print()
-    print(f"Recall (%) on the synthetic test split: {test_counts['images']} images x "
-          f"{captions_per_image} captions; re-ranking the top {reranked.get('top_m')} "
-          f"with alpha {alpha:.1f} x bi-encoder + {1 - alpha:.1f} x cross-encoder")
-    print(format_table(rows, chance, timings))
-    print()
-    print(format_stage_times(summary["stage_s"], demo.reused))
-    print("\n[demo] plots:")
-    for path in demo.plots():
-        print(f"  {path}")
-    if examples:
-        demo.examples(run_dir / "eval_finetuned", finetuned_ckpt, run_dir / f"reranked_alpha{alpha:.1f}")
-    print(f"\n[demo] done in {time.perf_counter() - started:.0f} s; everything is in {run_dir}")
-    print(f"[demo] summary: {run_dir / 'summary.json'}")
-    print("[demo] search it in a browser (then open http://127.0.0.1:8000/?q=a+red+dog):")
-    print("  " + serve_command(run_dir, finetuned_ckpt, reranker, alpha, scenes))
-    return summary
+    out = demo.run_dir / PLOTS_DIR
+    runs, _ = find_outputs(demo.run_dir)
+    written = [plot_training(run, out / f"{run.name}{TRAINING_PLOT_SUFFIX}") for run in runs]
+    written.append(plot_recall_curves({name: demo.path(SOURCES[name]) for name in rows}, out / RECALL_PLOT))
+    return written
 
 
-def serve_command(run_dir: Path, checkpoint: Path, reranker: Path, alpha: float, scenes: Path) -> str:
+def serve_command(demo: Demo) -> str:
     """The one command that serves the demo's test index with its re-ranker."""
     def rel(path: Path) -> str:
         # Relative to the repository when inside it: the command is run from there.
         return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
-    return (f".venv/bin/python inference.py serve --index_dir {rel(run_dir / 'eval_finetuned')} "
-            f"--checkpoint {rel(checkpoint)} --reranker_checkpoint {rel(reranker)} --alpha {alpha:.1f} "
-            f"--render_dir {rel(scenes)}")
+    alpha = read_json(demo.path("rerank") / RERANK_FILE)["alpha"]
+    return (f".venv/bin/python inference.py serve --index_dir {rel(demo.path('eval_lightningdot'))} "
+            f"--checkpoint {rel(demo.checkpoint('finetune'))} --reranker_checkpoint {rel(demo.reranker)} "
+            f"--alpha {alpha:.1f} --render_dir {rel(demo.run_dir / SCENES_DIR)}")
 
 
-def format_stage_times(stage_s: dict[str, float], reused: list[str]) -> str:
-    """One line per stage with its wall time; reused stages say so."""
-    lines = ["Wall time per stage (s):"]
-    for name, seconds in stage_s.items():
-        lines.append(f"  {name:<16} {seconds:8.1f}")
-    lines.append(f"  {'total':<16} {sum(stage_s.values()):8.1f}")
-    if reused:
-        lines.append("  (stages reused from an earlier run show that run's time)")
+def prepare_data(run_dir: Path, preset: Preset, fresh: bool) -> tuple[Path, dict[str, Any]]:
+    """The synthetic dataset (reused when its arguments match) and the test split's scenes."""
+    from data.scene_render import render_split
+    from data.synthetic import SyntheticConfig, generate
+
+    data_dir = run_dir / "data"
+    cfg = SyntheticConfig(num_train=preset.num_train, num_val=preset.num_val, num_test=preset.num_test)
+    if fresh and data_dir.exists():
+        shutil.rmtree(data_dir)
+    print("[demo] synthetic data (reused when its arguments match) ...", flush=True)
+    manifest = generate(str(data_dir), cfg, progress=True)
+    scenes = run_dir / SCENES_DIR
+    if fresh or not (scenes / ".done").exists():
+        print("[demo] test-split scenes (PNG) ...", flush=True)
+        render_split(data_dir, "test", scenes)
+        (scenes / ".done").touch()
+    return data_dir, manifest
+
+
+def run(run_dir: Path, preset: Preset, fresh: bool, seed: int = 42, examples: bool = True,
+        data_dir: Path | None = None) -> dict[str, Any]:
+    """All stages; returns the summary written to `run_dir/summary.json`."""
+    started = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if data_dir is None:
+        data_dir, manifest = prepare_data(run_dir, preset, fresh)
+    else:
+        manifest = read_json(data_dir / "manifest.json")
+    data_s = time.perf_counter() - t0
+    demo = Demo(run_dir, preset, fresh, seed, data_dir)
+    results = run_stages(demo, STAGES)
+    previous = read_json(run_dir / SUMMARY_FILE) if (run_dir / SUMMARY_FILE).is_file() else {}
+    # A reused stage keeps the time of the run that made it; a wholly reused run its wall time.
+    stage_s = {"data": data_s, **{name: seconds if ran else previous.get("stage_s", {}).get(name, seconds)
+                                  for name, (ran, seconds) in results.items()}}
+    reused = [name for name, (ran, _) in results.items() if not ran]
+    ran_any = len(reused) < len(results)
+
+    rows, rerank_settings = collect_rows(run_dir, list(ROW_NAMES))
+    ratio = cost_ratio(run_dir)
+    test_counts = manifest["counts"]["test"]
+    captions_per_image = test_counts["captions"] // test_counts["images"]
+    chance = chance_recall(preset.eval_images, captions_per_image)
+    found = claims(rows, ratio, rerank_settings["top_m"], preset.eval_images)
+    wall_s = time.perf_counter() - started
+    summary = {
+        "rows": rows,
+        "chance": chance,
+        **rerank_settings,
+        "cost_ratio": ratio,
+        "claims": found,
+        "seed": seed,
+        "stage_s": stage_s,
+        "total_s": wall_s if ran_any else previous.get("total_s", wall_s),
+    }
+    _write_json(run_dir / SUMMARY_FILE, summary)
+    print()
+    print(f"Recall (%) and seconds on one split, {rerank_settings['split']['subset']}; re-ranking the "
+          f"top {rerank_settings['top_m']} with alpha {rerank_settings['alpha']:.1f} x bi-encoder + "
+          f"{1 - rerank_settings['alpha']:.1f} x cross-encoder (seed {seed})")
+    print(format_table(rows, chance))
+    print()
+    print("The cross-encoder's seconds: all pairs against the re-ranked top-M")
+    print(format_ratio(ratio))
+    print()
+    print("The papers' claims on this data:")
+    print(format_claims(found))
+    print()
+    print(format_stage_times(stage_s, reused, summary["total_s"]))
+    print("\n[demo] plots:")
+    for path in write_plots(demo, rows):
+        print(f"  {path}")
+    if examples:
+        demo.examples()
+    print(f"\n[demo] done in {time.perf_counter() - started:.0f} s; everything is in {run_dir}")
+    print(f"[demo] summary: {run_dir / SUMMARY_FILE}")
+    print("[demo] search it in a browser (then open http://127.0.0.1:8000/?q=a+red+dog):")
+    print("  " + serve_command(demo))
+    return summary
+
+
+def run_seeds(run_dir: Path, preset: Preset, fresh: bool, seeds: Sequence[int]) -> dict[str, Any]:
+    """The whole pipeline once per seed on the same data; mean and spread of every row."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data_dir, _ = prepare_data(run_dir, preset, fresh)
+    summaries = {seed: run(run_dir / f"seed{seed}", preset, fresh, seed, examples=False, data_dir=data_dir)
+                 for seed in seeds}
+    table = seeds_table(summaries)
+    _write_json(run_dir / SEEDS_SUMMARY_FILE, table)
+    print()
+    print(f"Mean and spread (min to max) over seeds {list(seeds)}, {table['split']['subset']}:")
+    print(format_seeds_table(table))
+    return table
+
+
+def seeds_table(summaries: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+    """Per row and metric: the mean, the minimum and the maximum over the seeds' summaries."""
+    first = next(iter(summaries.values()))
+    rows = {}
+    for name in first["rows"]:
+        metrics: dict[str, list[float]] = {}
+        for summary in summaries.values():
+            row = summary["rows"][name]
+            for direction in DIRECTIONS:
+                for k in RECALL_KS:
+                    metrics.setdefault(f"{direction}/R@{k}", []).append(row[direction][f"R@{k}"])
+            metrics.setdefault("rsum", []).append(row["rsum"])
+        rows[name] = {key: {"mean": statistics.fmean(v), "min": min(v), "max": max(v), "values": v}
+                      for key, v in metrics.items()}
+    met = {c["claim"]: [s["claims"][i]["met"] for s in summaries.values()] for i, c in enumerate(first["claims"])}
+    return {"seeds": list(summaries), "split": first["split"], "rows": rows, "claims_met": met}
+
+
+def format_seeds_table(table: Mapping[str, Any]) -> str:
+    """Markdown: mean (min to max) of R@1 both ways and RSUM per row."""
+    lines = ["| system | TR R@1 | IR R@1 | RSUM |", "|---|---|---|---|"]
+    for name, row in table["rows"].items():
+        cells = [f"{row[key]['mean']:.1f} ({row[key]['min']:.1f} to {row[key]['max']:.1f})"
+                 for key in ("image_to_text/R@1", "text_to_image/R@1", "rsum")]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run_dir", default=str(REPO / "runs" / "demo"), help="where everything is written")
+    parser.add_argument("--run_dir", default=None, help="where everything is written (default runs/demo, "
+                        "runs/demo_seeds with --seeds)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    parser.add_argument("--seed", type=int, default=42, help="train.seed of every training stage")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds: the pipeline once per seed, "
+                        "mean and spread of every row")
     parser.add_argument("--fresh", action="store_true", help="rebuild every stage")
     parser.add_argument("--no-examples", dest="examples", action="store_false", help="skip the example queries")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Relative paths in the demo configs (model JSONs) resolve from the repository root.
     os.chdir(REPO)
-    return run(Path(args.run_dir).resolve(), PRESETS[args.preset], args.fresh, args.examples)
+    preset = PRESETS[args.preset]
+    if args.seeds is not None:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise UsageError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+        run_dir = Path(args.run_dir or REPO / "runs" / "demo_seeds").resolve()
+        return run_seeds(run_dir, preset, args.fresh, seeds)
+    run_dir = Path(args.run_dir or REPO / "runs" / "demo").resolve()
+    return run(run_dir, preset, args.fresh, args.seed, args.examples)
 
 
 if __name__ == "__main__":

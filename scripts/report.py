@@ -9,11 +9,13 @@ Every recall dict found in a file (the SPEC 7 layout of `utils/search/metrics.py
 becomes one row: `rerank.json` gives a stage-1 row and a re-ranked row; nested dicts (e.g. a
 demo summary) give one row per recall dict, labelled by their key path. Timing comes from a
 `timing` dict beside the recall dict (or in an enclosing dict), from a top-level `timing_s`
-dict keyed by row name (the demo's `summary.json`), and for `recall.json` from the `info.json`
-written next to it by `inference.py`.
+dict keyed by row name (older demo summaries), and for `recall.json` from the `info.json`
+written next to it by `inference.py`. A row that names the split it was measured on (the demo's
+`summary.json`: `split`) gets a split column.
 
-Columns: model / setting | TR R@1 R@5 R@10 | IR R@1 R@5 R@10 | RSUM | AR | timing (s).
-TR = image -> text, IR = text -> image, as in the paper.
+Columns: model / setting | [split] | TR R@1 R@5 R@10 | IR R@1 R@5 R@10 | RSUM | AR | timing (s).
+TR = image -> text, IR = text -> image, as in the paper. By default the timing columns are those
+of `DEFAULT_TIMING` that some row has.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from utils.run_files import (
 )
 
 RESULT_FILES = (RECALL_FILE, RERANK_FILE, TEST_RESULTS_FILE, SUMMARY_FILE)
-DEFAULT_TIMING = ("encode_s", "search_s", "rerank_s")
+DEFAULT_TIMING = ("encode_s", "search_s", "rerank_s", "cross_encoder_s")
 DIRECTIONS = ("image_to_text", "text_to_image")
 KS = ("R@1", "R@5", "R@10")
 # Published numbers (SPEC 9), for side-by-side reading with `--paper`.
@@ -68,6 +70,7 @@ class Row:
     label: str
     recall: Mapping[str, Any]
     timing: dict[str, float] = field(default_factory=dict)
+    split: str = ""
 
 
 def is_recall_dict(obj: Any) -> bool:
@@ -141,7 +144,9 @@ def rows_from_file(path: Path, label: str) -> list[Row]:
             timing = {}
         name = _describe(key_path, data)
         timing = {**_timing_by_row(data, key_path), **timing}
-        rows.append(Row(f"{label} / {name}" if name else label, recall, {**extra_timing, **timing}))
+        split = recall.get("split")
+        rows.append(Row(f"{label} / {name}" if name else label, recall, {**extra_timing, **timing},
+                        split if isinstance(split, str) else ""))
     if not rows:
         raise DataError(f"{path}: no recall results (text_to_image / image_to_text R@1/5/10) in it")
     return rows
@@ -197,7 +202,8 @@ def render_table(rows: Sequence[Row], timing_keys: Sequence[str] | None = DEFAUL
     """
     if timing_keys is None:
         timing_keys = list(dict.fromkeys(k for r in rows for k in r.timing))
-    header = ["model / setting"]
+    with_split = any(r.split for r in rows)
+    header = ["model / setting"] + (["split"] if with_split else [])
     header += [f"TR {k}" for k in KS] + [f"IR {k}" for k in KS] + ["RSUM", "AR"]
     header += [k[:-2] + " (s)" if k.endswith("_s") else k for k in timing_keys]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -208,7 +214,8 @@ def render_table(rows: Sequence[Row], timing_keys: Sequence[str] | None = DEFAUL
         rsum = r.get("rsum", sum(six))
         values += [_fmt(rsum), _fmt(r.get("ar", rsum / 6))]
         values += [_fmt(row.timing.get(k), 2) for k in timing_keys]
-        lines.append("| " + " | ".join([row.label.replace("|", "/")] + values) + " |")
+        first = [row.label.replace("|", "/")] + ([row.split or "-"] if with_split else [])
+        lines.append("| " + " | ".join(first + values) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -219,16 +226,19 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--output", default=None, help="write the table here instead of stdout")
     parser.add_argument(
         "--timing",
-        default=",".join(DEFAULT_TIMING),
-        help="comma-separated timing keys to show, 'all' for every one found, 'none' for none",
+        default=None,
+        help="comma-separated timing keys to show, 'all' for every one found, 'none' for none "
+             f"(default: those of {','.join(DEFAULT_TIMING)} that some row has)",
     )
     parser.add_argument("--paper", action="store_true", help="append the published rows (SPEC 9)")
     args = parser.parse_args(argv)
     rows = collect(args.sources)
     if args.paper:
         rows += [Row(label, recall) for label, recall in PAPER_ROWS.items()]
-    if args.timing == "all":
-        timing_keys: list[str] | None = None
+    if args.timing is None:
+        timing_keys: list[str] | None = [k for k in DEFAULT_TIMING if any(k in r.timing for r in rows)]
+    elif args.timing == "all":
+        timing_keys = None
     elif args.timing == "none":
         timing_keys = []
     else:

@@ -91,3 +91,14 @@ def test_a_terminal_gets_a_tqdm_bar(monkeypatch):
         bar.update(1000)
     assert "\r" in terminal.getvalue() and "1000/1000" in terminal.getvalue()
     assert not isinstance(progress(total=3, disable=True), tqdm)
+
+
+def test_the_environment_chooses_lines_on_a_terminal_or_a_bar_in_a_file(monkeypatch):
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    monkeypatch.setenv("LIGHTNINGDOT_PROGRESS", "lines")
+    assert isinstance(progress(total=3), LineProgress)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    monkeypatch.setenv("LIGHTNINGDOT_PROGRESS", "bar")
+    bar = progress(total=3)
+    assert isinstance(bar, tqdm)
+    bar.close()

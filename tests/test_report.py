@@ -89,3 +89,21 @@ def test_demo_summary_timing_columns(tmp_path):
     assert body["demo / rows / finetuned"][-3:] == ["0.50", "0.12", "-"]
     assert body["demo / rows / reranked"][-3:] == ["0.50", "0.12", "12.25"]
     assert body["demo / chance"][-3:] == ["-", "-", "-"]
+
+
+def test_demo_rows_name_their_split_and_cross_encoder_seconds(tmp_path):
+    """The demo's summary rows carry `split` and `timing`: a split column, and only the timing
+    columns some row has, the cross-encoder's seconds among them."""
+    summary = write(tmp_path / "demo" / "summary.json", {
+        "rows": {"cross_encoder": {**recall(60.0, 50.0), "split": "test[:100]",
+                                   "timing": {"cross_encoder_s": 22.5, "total_s": 22.5}},
+                 "lightningdot": {**recall(50.0, 40.0), "split": "test[:100]",
+                                  "timing": {"encode_s": 0.25, "search_s": 0.125, "total_s": 0.375}}},
+    })
+    lines = report.main([f"demo={summary}"]).strip().splitlines()
+    assert lines[0].split(" | ")[1] == "split"
+    assert lines[0].rstrip(" |").endswith("encode (s) | search (s) | cross_encoder (s)")
+    body = {line.split(" | ")[0].lstrip("| "): [c.strip() for c in line.strip("|").split("|")] for line in lines[2:]}
+    assert body["demo / rows / cross_encoder"][1] == "test[:100]"
+    assert body["demo / rows / cross_encoder"][-3:] == ["-", "-", "22.50"]
+    assert body["demo / rows / lightningdot"][-3:] == ["0.25", "0.12", "-"]

@@ -205,3 +205,26 @@ def test_hard_negatives_reach_the_itm_dataset(workspace):
     with pytest.raises(ConfigError, match="negative_size"):
         cross_encoder_training.hard_negative_miner(load_config(ws.config, ["retrieval.num_hard_negatives=3",
                                                            "retrieval.hard_negatives_sampling=top"]), dataset)
+
+
+def test_short_candidate_lists_warn_unless_they_hold_the_whole_corpus(tmp_path, caplog):
+    """2 captions x 3 images: a caption's list of all 3 images is complete at top_m 5; an
+    image's list of 1 caption (of 2) is short."""
+    import logging
+
+    from utils.run_files import IDS_FILE, TOPK_FILE
+
+    ids = {"txt_ids": ["t0", "t1"], "img_ids": ["a", "b", "c"]}
+    t2i = {t: [["a", 1.0], ["b", 0.5], ["c", 0.1]] for t in ids["txt_ids"]}
+    complete = {i: [["t0", 1.0], ["t1", 0.5]] for i in ids["img_ids"]}
+    (tmp_path / IDS_FILE).write_text(json.dumps(ids))
+    (tmp_path / TOPK_FILE).write_text(json.dumps({"text_to_image": t2i, "image_to_text": complete}))
+    with caplog.at_level(logging.WARNING):
+        got_t2i, got_i2t, _ = reranking.load_candidates(tmp_path, 5)
+    assert not caplog.records
+    assert got_t2i["t0"] == [("a", 1.0), ("b", 0.5), ("c", 0.1)] and len(got_i2t["c"]) == 2
+    short = {**complete, "b": [["t1", 0.5]]}
+    (tmp_path / TOPK_FILE).write_text(json.dumps({"text_to_image": t2i, "image_to_text": short}))
+    with caplog.at_level(logging.WARNING):
+        reranking.load_candidates(tmp_path, 5)
+    assert "some queries have only 1 candidates" in caplog.text

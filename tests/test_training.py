@@ -246,6 +246,8 @@ def test_metrics_logger_truncates_on_resume(tmp_path):
 def test_progress_in_a_log_file_is_a_few_plain_lines(tmp_path, capsys):
     """Stderr is not a terminal here: the trainer's bar is a start line, quarters and an end line."""
     _run(*_setup(tmp_path, steps=40))
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train: ")]
+    # The bar is named by the run directory, so two runs in one log are told apart.
+    label = f"train {tmp_path.name}: "
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith(label)]
     assert 2 <= len(lines) <= 5, lines
-    assert lines[-1].startswith("train: finished 40/40 it (100%)") and "loss=" in lines[-1]
+    assert lines[-1].startswith(f"{label}finished 40/40 it (100%)") and "loss=" in lines[-1]

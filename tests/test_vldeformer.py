@@ -251,11 +251,12 @@ def test_train_itm_and_inference_run_a_decomposed_model(tiny_data, tiny_models, 
 
 
 def test_compare_systems_table_matches_brute_force(workspace, tmp_path, capsys):
-    """Three systems on 6 images x 20 captions: each row equals brute-force recall over
-    scores computed one caption / image / pair at a time."""
+    """The comparison table on the first 6 test images and all their captions: every row
+    equals brute-force recall over scores computed one caption / image / pair at a time, and
+    the re-ranked row is LightningDOT's brute-force top 2 re-ordered by those pair scores."""
     from data.txt_db import TxtDb
     from model.checkpoint import build_cross_encoder_from_checkpoint
-    from scripts import compare_systems
+    from scripts import compare_systems, report
     from tests.helpers import assert_same, brute_force_recall
     from utils.pipeline.evaluation import open_img_db
 
@@ -263,21 +264,23 @@ def test_compare_systems_table_matches_brute_force(workspace, tmp_path, capsys):
                                       temperature=0.05)).eval()
     load_vldeformer_init_file(vld, workspace.our_cross_ckpt)
     torch.save(make_checkpoint(vld), tmp_path / "vld.pt")
-    out = tmp_path / "compare.json"
+    out = tmp_path / "compare"
     result = compare_systems.main([
-        "--config", str(workspace.config), "--lightningdot", str(workspace.our_ckpt),
+        "--config", str(workspace.config), "--output_dir", str(out), "--lightningdot", str(workspace.our_ckpt),
         "--vldeformer", str(tmp_path / "vld.pt"), "--cross_encoder", str(workspace.our_cross_ckpt),
-        "--num_images", "6", "--num_captions", "20", "--device", "cpu", "--output", str(out)])
+        "--num_images", "6", "--ratio_images", "3", "--top_m", "2"])
     printed = capsys.readouterr().out
-    assert "| cross_encoder_all_pairs |" in printed and "| vldeformer |" in printed
-    assert json.loads(out.read_text()) == result
-    assert (result["num_images"], result["num_captions"]) == (6, 20)
+    assert "| cross_encoder |" in printed and "| vldeformer |" in printed and "(projected)" in printed
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(result))
+    assert list(result["rows"]) == ["cross_encoder", "lightningdot", "lightningdot_reranked", "vldeformer"]
+    assert "| cross_encoder | test[:6] |" in report.main([str(out / "summary.json")]).replace(f"{out} / rows / ", "")
 
     cfg = load_config(workspace.config)
     txt_db, img_db = TxtDb(workspace.data["txt_db"]["test"], cfg.data.max_txt_len), open_img_db(workspace.data["img_db"], cfg.data)
     images = list(txt_db.img_order)[:6]
-    captions = [t for t in txt_db.ids if txt_db.txt2img[t] in images][:20]
+    captions = [t for t in txt_db.ids if txt_db.txt2img[t] in images]
     txt2img = [images.index(txt_db.txt2img[t]) for t in captions]
+    assert (result["split"]["images"], result["split"]["captions"]) == (6, len(captions))
 
     def text(t):
         ids = torch.tensor([[txt_db.cls_id, *txt_db.input_ids(t), txt_db.sep_id]])
@@ -287,20 +290,49 @@ def test_compare_systems_table_matches_brute_force(workspace, tmp_path, capsys):
         feat, pos, _ = img_db.tensors(name, with_soft_labels=False)
         return feat[None], pos[None], torch.ones(1, feat.shape[0], dtype=torch.long)
 
+    def recall_of(row):
+        recall = {k: v for k, v in result["rows"][row].items() if k not in ("timing", "split")}
+        return {**recall, "ar": recall["rsum"] / 6}
+
+    bi_scores = {}
     with torch.no_grad():
         for name, path in (("lightningdot", workspace.our_ckpt), ("vldeformer", tmp_path / "vld.pt")):
             model = build_biencoder_from_checkpoint(path).eval()
             t_emb = [model.encode_text(*text(t))[0] for t in captions]
             i_emb = [model.encode_image(*image(n))[0] for n in images]
-            scores = [[float(a @ b) for b in i_emb] for a in t_emb]
-            row = {k: v for k, v in result["systems"][name].items() if k not in ("timing", "checkpoint")}
-            assert_same(row, brute_force_recall(scores, txt2img, 6))
+            bi_scores[name] = [[float(a @ b) for b in i_emb] for a in t_emb]
+            assert_same(recall_of(name), brute_force_recall(bi_scores[name], txt2img, 6))
         cross = build_cross_encoder_from_checkpoint(workspace.our_cross_ckpt).eval()
         scores = [[float(cross.score(*text(t), *image(n))) for n in images] for t in captions]
-    row = {k: v for k, v in result["systems"]["cross_encoder_all_pairs"].items() if k not in ("timing", "checkpoint")}
-    assert_same(row, brute_force_recall(scores, txt2img, 6))
-    # Chance: 1/6, 5/6, 1 of the images for every caption.
-    assert result["systems"]["chance"]["text_to_image"]["R@1"] == pytest.approx(100 / 6)
+    assert_same(recall_of("cross_encoder"), brute_force_recall(scores, txt2img, 6))
+    # Re-ranked: only LightningDOT's top 2 of every query keep their cross-encoder score; the
+    # rest fall below them, in any order, so recall@1 follows the cross-encoder among the 2.
+    ldot = bi_scores["lightningdot"]
+    t2i_hits = 0
+    for t, truth in enumerate(txt2img):
+        top2 = sorted(range(6), key=lambda i: -ldot[t][i])[:2]
+        t2i_hits += max(top2, key=lambda i: scores[t][i]) == truth
+    assert result["rows"]["lightningdot_reranked"]["text_to_image"]["R@1"] == pytest.approx(100 * t2i_hits / len(captions))
+    i2t_hits = 0
+    for i in range(6):
+        top2 = sorted(range(len(captions)), key=lambda t: -ldot[t][i])[:2]
+        i2t_hits += txt2img[max(top2, key=lambda t: scores[t][i])] == i
+    assert result["rows"]["lightningdot_reranked"]["image_to_text"]["R@1"] == pytest.approx(100 * i2t_hits / 6)
+    # The cost ratio at 3 and 6 images; chance: 1/6 of the images for every caption.
+    assert [m["images"] for m in result["cost_ratio"]["measured"]] == [3, 6]
+    assert result["chance"]["text_to_image"]["R@1"] == pytest.approx(100 / 6)
+
+
+def test_compare_systems_refuses_what_it_cannot_measure(workspace, tmp_path):
+    from scripts import compare_systems
+
+    base = ["--config", str(workspace.config), "--output_dir", str(tmp_path / "o")]
+    with pytest.raises(ConfigError, match="give at least one bi-encoder"):
+        compare_systems.main(base)
+    with pytest.raises(ConfigError, match="give --lightningdot too"):
+        compare_systems.main([*base, "--vldeformer", "v.pt", "--cross_encoder", "c.pt"])
+    with pytest.raises(ConfigError, match="retrieval.cascade is empty"):
+        compare_systems.main([*base, "--hivlp", "h.pt", "--hivlp_config", str(workspace.config)])
 
 
 @pytest.mark.parametrize("name,bimodal", [

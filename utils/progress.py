@@ -5,10 +5,15 @@ still write one carriage-return frame per redraw (hundreds of KB over a demo run
 writes a few plain lines instead: one at the start, one at each quarter of the total, and one
 at the end with the elapsed time and the rate; at most five lines per bar, whatever its length.
 
+The environment variable `LIGHTNINGDOT_PROGRESS` overrides the choice: `lines` writes plain
+lines on a terminal too (several processes sharing one terminal, as the demo's workers),
+`bar` draws a tqdm bar whatever stderr is.
+
 A leaf module: it imports nothing of the project.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -19,6 +24,7 @@ from tqdm import tqdm
 
 # Fractions of the total at which the plain-line mode reports (start and end come on top).
 QUARTERS = (0.25, 0.5, 0.75)
+PROGRESS_ENV = "LIGHTNINGDOT_PROGRESS"
 
 
 class ProgressBar(Protocol):
@@ -168,6 +174,8 @@ def progress(
         An object with `update(n)`, `set_postfix(**values)`, `close()`, iteration (over
         `iterable`) and context-manager use.
     """
-    if not disable and sys.stderr.isatty():
+    mode = os.environ.get(PROGRESS_ENV, "auto")
+    bar = mode == "bar" or (mode != "lines" and sys.stderr.isatty())
+    if not disable and bar:
         return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, dynamic_ncols=True)
     return LineProgress(iterable, total=total, desc=desc, unit=unit, disable=disable, initial=initial)

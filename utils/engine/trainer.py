@@ -174,7 +174,8 @@ class Trainer:
         self._skipped = 0
         self._last_log_time = time.perf_counter()
         self._progress: ProgressBar | None = progress(
-            total=total_steps, initial=self.step, desc="train", disable=not env.is_main
+            # The run directory's name tells apart the bars of runs sharing a terminal or a log.
+            total=total_steps, initial=self.step, desc=f"train {self.output_dir.name}", disable=not env.is_main
         )
         # Last, so that nothing above (wrapping, logger set-up) shifts the restored streams.
         if rng_state is not None:

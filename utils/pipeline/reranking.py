@@ -225,11 +225,14 @@ def load_candidates(retrieval_dir: str | os.PathLike, top_m: int) -> tuple[Candi
             f"{retrieval_dir / TOPK_FILE}: its queries are not the captions / images of "
             f"{retrieval_dir / IDS_FILE} (files from different runs?)"
         )
-    shortest = min((len(v) for v in (*t2i.values(), *i2t.values())), default=0)
-    if shortest < top_m:
+    # A list shorter than top_m is worth a warning unless it already holds the whole corpus
+    # (every image for a caption, every caption for an image: re-ranking all pairs).
+    short = [len(v) for corpus, lists in ((len(i2t), t2i), (len(t2i), i2t))
+             for v in lists.values() if len(v) < min(top_m, corpus)]
+    if short:
         logger.warning(
             "some queries have only %d candidates in %s (top_m %d): re-ranking what is there",
-            shortest, retrieval_dir / TOPK_FILE, top_m,
+            min(short), retrieval_dir / TOPK_FILE, top_m,
         )
     return t2i, i2t, ids
 
