@@ -20,25 +20,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from data.datasets import (
-    IGNORE_INDEX,
-    ItmDataset,
-    VmlmDataset,
-    itm_collate,
-    smrm_collate,
-    vmlm_collate,
-)
+from data.datasets import IGNORE_INDEX, ItmDataset, itm_collate
 from model.retrieval import JOINT_STATES
-from utils.pipeline.pretrain_tasks.base import Outputs, PretrainTask, no_metrics
-from utils.pipeline.pretrain_tasks.smrm import (
-    make_classification_head,
-    make_regression_head,
-    mrckl_loss,
-    mrfr_loss,
-    smrm_dataset,
-)
-from utils.pipeline.pretrain_tasks.vmlm import make_head as make_mlm_head
-from utils.pipeline.pretrain_tasks.vmlm import mlm_loss
+from utils.pipeline.pretrain_tasks.base import Outputs, PretrainTask
+from utils.pipeline.pretrain_tasks.smrm import region_tasks
+from utils.pipeline.pretrain_tasks.vmlm import mlm_task
 
 NEEDS = frozenset({JOINT_STATES})
 
@@ -64,19 +50,12 @@ def itm_forward(model: Any, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]
     }
 
 
-def mlm_forward(model: Any, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """MLM on the joint input: masked caption tokens from their joint states."""
+def masked_token_states(model: Any, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, H) joint states of the masked caption tokens and their (M,) target ids."""
     labels = batch["txt_labels"]
     text_states = _joint(model, batch)[:, : labels.shape[1]]
     masked = labels != IGNORE_INDEX
-    targets = labels[masked]
-    # Decode only the masked positions: the vocabulary projection dominates the cost.
-    logits = model.cls(text_states[masked])
-    return {
-        "loss": mlm_loss(logits, targets),
-        "n_correct": (logits.argmax(dim=-1) == targets).sum().detach(),
-        "n_masked": torch.tensor(targets.numel(), device=logits.device),
-    }
+    return text_states[masked], labels[masked]
 
 
 def masked_region_states(model: Any, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -87,24 +66,8 @@ def masked_region_states(model: Any, batch: Mapping[str, Any]) -> torch.Tensor:
     return region_states[img_masked.bool()]
 
 
-def mrfr_forward(model: Any, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """MRFR on the joint input."""
-    hidden = masked_region_states(model, batch)
-    loss = mrfr_loss(model.feat_regress(hidden), batch["feat_targets"])
-    return {"loss": loss, "n_masked": torch.tensor(hidden.shape[0], device=hidden.device)}
-
-
-def mrckl_forward(model: Any, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """MRC-kl on the joint input."""
-    hidden = masked_region_states(model, batch)
-    loss = mrckl_loss(model.region_classifier(hidden), batch["label_targets"])
-    return {"loss": loss, "n_masked": torch.tensor(hidden.shape[0], device=hidden.device)}
-
-
-def _acc(count_key: str):
-    def metrics(out: Outputs) -> dict[str, torch.Tensor]:
-        return {"acc": out["n_correct"].float() / out[count_key].clamp(min=1)}
-    return metrics
+def _itm_metrics(out: Outputs) -> dict[str, torch.Tensor]:
+    return {"acc": out["n_correct"].float() / out["n_pairs"].clamp(min=1)}
 
 
 ITM = PretrainTask(
@@ -113,45 +76,10 @@ ITM = PretrainTask(
     collate=itm_collate,
     distinct_images=False,
     weight_key="n_pairs",
-    train_metrics=_acc("n_pairs"),
+    train_metrics=_itm_metrics,
     forward=itm_forward,
     needs=NEEDS,
     correct_key="n_correct",
 )
-MLM = PretrainTask(
-    name="mlm",
-    make_dataset=lambda txt, img, data, seed: VmlmDataset(txt, img, mask_prob=data.mask_prob, seed=seed),
-    collate=vmlm_collate,
-    distinct_images=False,
-    weight_key="n_masked",
-    train_metrics=_acc("n_masked"),
-    forward=mlm_forward,
-    needs=NEEDS,
-    head_name="cls",
-    make_head=make_mlm_head,
-    correct_key="n_correct",
-)
-MRFR = PretrainTask(
-    name="mrfr",
-    make_dataset=smrm_dataset,
-    collate=smrm_collate,
-    distinct_images=False,
-    weight_key="n_masked",
-    train_metrics=no_metrics,
-    forward=mrfr_forward,
-    needs=NEEDS,
-    head_name="feat_regress",
-    make_head=make_regression_head,
-)
-MRCKL = PretrainTask(
-    name="mrckl",
-    make_dataset=smrm_dataset,
-    collate=smrm_collate,
-    distinct_images=False,
-    weight_key="n_masked",
-    train_metrics=no_metrics,
-    forward=mrckl_forward,
-    needs=NEEDS,
-    head_name="region_classifier",
-    make_head=make_classification_head,
-)
+MLM = mlm_task(masked_token_states, NEEDS)
+MRFR, MRCKL = region_tasks(masked_region_states, NEEDS)

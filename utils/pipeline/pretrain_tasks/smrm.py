@@ -10,7 +10,7 @@ losses are plain means, as in the original. Both need the bi-encoder's token sta
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -109,45 +109,55 @@ def masked_region_hidden(model: Any, batch: Mapping[str, Any]) -> torch.Tensor:
     return seq[img_masked.bool()]
 
 
-def mrfr_forward(model: Any, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """MRFR loss and the number of masked regions."""
-    hidden = masked_region_hidden(model, batch)
-    loss = mrfr_loss(model.feat_regress(hidden), batch["feat_targets"])
-    return {"loss": loss, "n_masked": torch.tensor(hidden.shape[0], device=hidden.device)}
-
-
-def mrckl_forward(model: Any, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """MRC-kl loss and the number of masked regions."""
-    hidden = masked_region_hidden(model, batch)
-    loss = mrckl_loss(model.region_classifier(hidden), batch["label_targets"])
-    return {"loss": loss, "n_masked": torch.tensor(hidden.shape[0], device=hidden.device)}
-
-
 def smrm_dataset(txt_dbs: Sequence[Any], img_dbs: Sequence[Any], data: DataConfig, seed: int) -> SmrmDataset:
     return SmrmDataset(txt_dbs, img_dbs, mrm_prob=data.mrm_prob, seed=seed)
 
 
-MRFR = PretrainTask(
-    name="mrfr",
-    make_dataset=smrm_dataset,
-    collate=smrm_collate,
-    distinct_images=False,
-    weight_key="n_masked",
-    train_metrics=no_metrics,
-    forward=mrfr_forward,
-    needs=frozenset({TOKEN_STATES}),
-    head_name="feat_regress",
-    make_head=make_regression_head,
-)
-MRCKL = PretrainTask(
-    name="mrckl",
-    make_dataset=smrm_dataset,
-    collate=smrm_collate,
-    distinct_images=False,
-    weight_key="n_masked",
-    train_metrics=no_metrics,
-    forward=mrckl_forward,
-    needs=frozenset({TOKEN_STATES}),
-    head_name="region_classifier",
-    make_head=make_classification_head,
-)
+MaskedRegionStates = Callable[[Any, Mapping[str, Any]], torch.Tensor]
+
+
+def region_tasks(masked_states: MaskedRegionStates, needs: frozenset[str]) -> tuple[PretrainTask, PretrainTask]:
+    """The `mrfr` and `mrckl` tasks over the (M, H) masked regions' states that `masked_states`
+    gives, in `img_masked.nonzero()` order: the bi-encoder's (`masked_region_hidden`, SMRM) or
+    the cross-encoder's joint ones (`joint.py`)."""
+
+    def mrfr_forward(model: Any, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """MRFR loss and the number of masked regions."""
+        hidden = masked_states(model, batch)
+        loss = mrfr_loss(model.feat_regress(hidden), batch["feat_targets"])
+        return {"loss": loss, "n_masked": torch.tensor(hidden.shape[0], device=hidden.device)}
+
+    def mrckl_forward(model: Any, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """MRC-kl loss and the number of masked regions."""
+        hidden = masked_states(model, batch)
+        loss = mrckl_loss(model.region_classifier(hidden), batch["label_targets"])
+        return {"loss": loss, "n_masked": torch.tensor(hidden.shape[0], device=hidden.device)}
+
+    mrfr = PretrainTask(
+        name="mrfr",
+        make_dataset=smrm_dataset,
+        collate=smrm_collate,
+        distinct_images=False,
+        weight_key="n_masked",
+        train_metrics=no_metrics,
+        forward=mrfr_forward,
+        needs=needs,
+        head_name="feat_regress",
+        make_head=make_regression_head,
+    )
+    mrckl = PretrainTask(
+        name="mrckl",
+        make_dataset=smrm_dataset,
+        collate=smrm_collate,
+        distinct_images=False,
+        weight_key="n_masked",
+        train_metrics=no_metrics,
+        forward=mrckl_forward,
+        needs=needs,
+        head_name="region_classifier",
+        make_head=make_classification_head,
+    )
+    return mrfr, mrckl
+
+
+MRFR, MRCKL = region_tasks(masked_region_hidden, frozenset({TOKEN_STATES}))

@@ -8,7 +8,7 @@ original's `cls.predictions.*` keys). Needs the bi-encoder's token states.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -89,11 +89,14 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
-def vmlm_forward(model: Any, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """VMLM: text states + the image tower's [CLS] state -> masked token ids.
+MaskedTokenStates = Callable[[Any, Mapping[str, Any]], tuple[torch.Tensor, torch.Tensor]]
+
+
+def masked_token_hidden(model: Any, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """VMLM's states: text states + the image tower's [CLS] state, at the masked tokens.
 
     Returns:
-        `loss`, `n_correct` (argmax hits) and `n_masked`.
+        (M, H) states of the masked tokens and their (M,) target ids, in row-major order.
     """
     bert, mode = model.bert, model.bert.cls_concat
     txt, img = batch["txt"], batch["img"]
@@ -105,37 +108,46 @@ def vmlm_forward(model: Any, batch: Mapping[str, Any]) -> dict[str, torch.Tensor
         # ones gives `seq[masked]` of the padded path, in the same order.
         packed_labels = labels.flatten()[layout.flat_index]
         rows = (packed_labels != IGNORE_INDEX).nonzero().squeeze(1)
-        hidden = combine_rows(txt_rows[rows], img_cls[layout.batch_index[rows]], mode)
-        targets = packed_labels[rows]
-    else:
-        txt_seq, _ = bert.text_hidden(txt["input_ids"], txt["attention_mask"])
-        _, img_cls = bert.image_hidden(img["img_feat"], img["img_pos"], img["img_mask"])
-        seq = combine_cls(txt_seq, img_cls, mode)
-        masked = labels != IGNORE_INDEX
-        hidden, targets = seq[masked], labels[masked]
-    # Decode only the masked positions: the vocabulary projection dominates the cost.
-    logits = model.cls(hidden)
-    return {
-        "loss": mlm_loss(logits, targets),
-        "n_correct": (logits.argmax(dim=-1) == targets).sum().detach(),
-        "n_masked": torch.tensor(targets.numel(), device=logits.device),
-    }
+        return combine_rows(txt_rows[rows], img_cls[layout.batch_index[rows]], mode), packed_labels[rows]
+    txt_seq, _ = bert.text_hidden(txt["input_ids"], txt["attention_mask"])
+    _, img_cls = bert.image_hidden(img["img_feat"], img["img_pos"], img["img_mask"])
+    seq = combine_cls(txt_seq, img_cls, mode)
+    masked = labels != IGNORE_INDEX
+    return seq[masked], labels[masked]
 
 
 def _metrics(out: Outputs) -> dict[str, torch.Tensor]:
     return {"acc": out["n_correct"].float() / out["n_masked"].clamp(min=1)}
 
 
-TASK = PretrainTask(
-    name="mlm",
-    make_dataset=lambda txt, img, data, seed: VmlmDataset(txt, img, mask_prob=data.mask_prob, seed=seed),
-    collate=vmlm_collate,
-    distinct_images=False,
-    weight_key="n_masked",
-    train_metrics=_metrics,
-    forward=vmlm_forward,
-    needs=frozenset({TOKEN_STATES}),
-    head_name="cls",
-    make_head=make_head,
-    correct_key="n_correct",
-)
+def mlm_task(masked_states: MaskedTokenStates, needs: frozenset[str]) -> PretrainTask:
+    """The `mlm` task over the masked tokens' states that `masked_states` gives: the bi-encoder's
+    (`masked_token_hidden`, VMLM) or the cross-encoder's joint ones (`joint.py`)."""
+
+    def forward(model: Any, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """`loss`, `n_correct` (argmax hits) and `n_masked`."""
+        hidden, targets = masked_states(model, batch)
+        # Decode only the masked positions: the vocabulary projection dominates the cost.
+        logits = model.cls(hidden)
+        return {
+            "loss": mlm_loss(logits, targets),
+            "n_correct": (logits.argmax(dim=-1) == targets).sum().detach(),
+            "n_masked": torch.tensor(targets.numel(), device=logits.device),
+        }
+
+    return PretrainTask(
+        name="mlm",
+        make_dataset=lambda txt, img, data, seed: VmlmDataset(txt, img, mask_prob=data.mask_prob, seed=seed),
+        collate=vmlm_collate,
+        distinct_images=False,
+        weight_key="n_masked",
+        train_metrics=_metrics,
+        forward=forward,
+        needs=needs,
+        head_name="cls",
+        make_head=make_head,
+        correct_key="n_correct",
+    )
+
+
+TASK = mlm_task(masked_token_hidden, frozenset({TOKEN_STATES}))
