@@ -338,14 +338,18 @@ class BiEncoder(RetrievalModel, TokenStates):
             return self._levels(self.img_model, cls_hidden)
 
 
+def _is_level_head(key: str) -> bool:
+    return f".{LEVEL_HEADS}." in f".{key}"
+
+
 def level_head_keys(keys: Iterable[str]) -> list[str]:
     """The keys of `heads`-mode level heads among `keys` (any prefix, e.g. `bert.`)."""
-    return sorted(k for k in keys if f".{LEVEL_HEADS}." in f".{k}")
+    return sorted(k for k in keys if _is_level_head(k))
 
 
 def hierarchy_keys(keys: Iterable[str]) -> list[str]:
     """The keys among `keys` that only a hierarchy has: level heads and a learned temperature."""
-    return sorted(k for k in keys if f".{LEVEL_HEADS}." in f".{k}" or k.split(".")[-1] == LEVEL_TEMPERATURE)
+    return sorted(k for k in keys if _is_level_head(k) or k.split(".")[-1] == LEVEL_TEMPERATURE)
 
 
 def check_level_heads(
