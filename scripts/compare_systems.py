@@ -34,13 +34,9 @@ if str(REPO) not in sys.path:
 from data.txt_db import TxtDb
 from scripts.comparison import (
     SOURCES,
-    chance_recall,
-    claims,
-    collect_rows,
     cost_ratio,
-    format_claims,
-    format_ratio,
-    format_table,
+    format_summary,
+    summarize,
 )
 from utils.config import load_config
 from utils.errors import ConfigError, run_cli
@@ -151,20 +147,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     measured = [*checkpoints, *(["hivlp_cascade"] if args.hivlp_config else []),
                 *(["cross_encoder", "lightningdot_reranked"] if args.cross_encoder else [])]
-    rows, settings = collect_rows(run.out, measured)
-    split = settings["split"]
-    chance = chance_recall(split["images"], max(1, round(split["captions"] / split["images"])))
-    found = claims(rows, ratio, settings.get("top_m"), split["images"])
-    summary = {"rows": rows, "chance": chance, **settings, "cost_ratio": ratio, "claims": found}
+    summary = summarize(run.out, measured, ratio)
     atomic_write_json(run.out / SUMMARY_FILE, summary, indent=2)
-    print(f"\nRecall (%) and seconds on {split['subset']}")
-    print(format_table(rows, chance))
-    if ratio:
-        print("\nThe cross-encoder's seconds: all pairs against the re-ranked top-M")
-        print(format_ratio(ratio))
-    if found:
-        print("\nThe papers' claims on this data:")
-        print(format_claims(found))
+    print()
+    print(format_summary(summary, f"Recall (%) and seconds on {summary['split']['subset']}"))
     print(f"\nsummary: {run.out / SUMMARY_FILE}")
     return summary
 

@@ -3,8 +3,9 @@ the papers' claims, read from evaluation outputs in one directory layout.
 
 `scripts/demo.py` and `scripts/compare_systems.py` both write their evaluations as the
 subdirectories `SOURCES` names (an `inference.py` output for a bi-encoder row, a `rerank.py`
-output for a cross-encoder row) and build the table with `collect_rows`, `cost_ratio` and
-`claims`, so the demo's table and a table on real data mean the same thing.
+output for a cross-encoder row) and build the summary with `summarize` (`collect_rows`,
+`cost_ratio`, `claims`) and print it with `format_summary`, so the demo's table and a table on
+real data mean the same thing.
 """
 from __future__ import annotations
 
@@ -212,6 +213,34 @@ def claims(rows: Mapping[str, Mapping[str, Any]], ratio: Mapping[str, Any] | Non
             "met": rsum("hivlp") >= rsum("lightningdot") - 1.0
                    and all(abs(r10("hivlp_cascade", d) - r10("hivlp", d)) <= 0.5 for d in DIRECTIONS)})
     return found
+
+
+def summarize(run_dir: Path, rows: Sequence[str] | None = None,
+              ratio: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The summary of the outputs under `run_dir`: rows, chance on their split, the split and
+    re-ranking settings, the cost ratio (None when not measured) and the claims the rows allow.
+
+    Args:
+        run_dir: holds the `SOURCES` directories of `rows`.
+        rows: the rows to read (default: every row whose output is there).
+        ratio: `cost_ratio(run_dir)`, when both sizes were measured.
+    """
+    table, settings = collect_rows(run_dir, rows)
+    split = settings["split"]
+    chance = chance_recall(split["images"], max(1, round(split["captions"] / split["images"])))
+    found = claims(table, ratio, settings.get("top_m"), split["images"])
+    return {"rows": table, "chance": chance, **settings, "cost_ratio": ratio, "claims": found}
+
+
+def format_summary(summary: Mapping[str, Any], heading: str) -> str:
+    """`heading`, the table, then the cost ratio and the claims where the summary has them."""
+    parts = [heading, format_table(summary["rows"], summary["chance"])]
+    if summary["cost_ratio"]:
+        parts += ["", "The cross-encoder's seconds: all pairs against the re-ranked top-M",
+                  format_ratio(summary["cost_ratio"])]
+    if summary["claims"]:
+        parts += ["", "The papers' claims on this data:", format_claims(summary["claims"])]
+    return "\n".join(parts)
 
 
 def format_table(rows: Mapping[str, Mapping[str, Any]], chance: Mapping[str, Any]) -> str:

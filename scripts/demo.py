@@ -58,14 +58,10 @@ from scripts.comparison import (
     RECALL_KS,
     ROW_NAMES,
     SOURCES,
-    chance_recall,
-    claims,
-    collect_rows,
     cost_ratio,
-    format_claims,
-    format_ratio,
-    format_table,
+    format_summary,
     read_json,
+    summarize,
 )
 from utils.errors import UsageError, run_cli
 from utils.files import atomic_write_json
@@ -524,7 +520,7 @@ def serve_command(demo: Demo) -> str:
             f"--alpha {alpha:.1f} --render_dir {rel(demo.run_dir / SCENES_DIR)}")
 
 
-def prepare_data(run_dir: Path, preset: Preset, fresh: bool) -> tuple[Path, dict[str, Any]]:
+def prepare_data(run_dir: Path, preset: Preset, fresh: bool) -> Path:
     """The synthetic dataset (reused when its arguments match) and the test split's scenes."""
     from data.scene_render import render_split
     from data.synthetic import SyntheticConfig, generate
@@ -534,13 +530,13 @@ def prepare_data(run_dir: Path, preset: Preset, fresh: bool) -> tuple[Path, dict
     if fresh and data_dir.exists():
         shutil.rmtree(data_dir)
     print("[demo] synthetic data (reused when its arguments match) ...", flush=True)
-    manifest = generate(str(data_dir), cfg, progress=True)
+    generate(str(data_dir), cfg, progress=True)
     scenes = run_dir / SCENES_DIR
     if fresh or not (scenes / ".done").exists():
         print("[demo] test-split scenes (PNG) ...", flush=True)
         render_split(data_dir, "test", scenes)
         (scenes / ".done").touch()
-    return data_dir, manifest
+    return data_dir
 
 
 def run(run_dir: Path, preset: Preset, fresh: bool, seed: int = 42, examples: bool = True,
@@ -550,9 +546,7 @@ def run(run_dir: Path, preset: Preset, fresh: bool, seed: int = 42, examples: bo
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if data_dir is None:
-        data_dir, manifest = prepare_data(run_dir, preset, fresh)
-    else:
-        manifest = read_json(data_dir / "manifest.json")
+        data_dir = prepare_data(run_dir, preset, fresh)
     data_s = time.perf_counter() - t0
     demo = Demo(run_dir, preset, fresh, seed, data_dir)
     results = run_stages(demo, STAGES)
@@ -563,39 +557,19 @@ def run(run_dir: Path, preset: Preset, fresh: bool, seed: int = 42, examples: bo
     reused = [name for name, (ran, _) in results.items() if not ran]
     ran_any = len(reused) < len(results)
 
-    rows, rerank_settings = collect_rows(run_dir, list(ROW_NAMES))
-    ratio = cost_ratio(run_dir)
-    test_counts = manifest["counts"]["test"]
-    captions_per_image = test_counts["captions"] // test_counts["images"]
-    chance = chance_recall(preset.eval_images, captions_per_image)
-    found = claims(rows, ratio, rerank_settings["top_m"], preset.eval_images)
+    summary = summarize(run_dir, list(ROW_NAMES), cost_ratio(run_dir))
     wall_s = time.perf_counter() - started
-    summary = {
-        "rows": rows,
-        "chance": chance,
-        **rerank_settings,
-        "cost_ratio": ratio,
-        "claims": found,
-        "seed": seed,
-        "stage_s": stage_s,
-        "total_s": wall_s if ran_any else previous.get("total_s", wall_s),
-    }
+    summary |= {"seed": seed, "stage_s": stage_s, "total_s": wall_s if ran_any else previous.get("total_s", wall_s)}
     _write_json(run_dir / SUMMARY_FILE, summary)
     print()
-    print(f"Recall (%) and seconds on one split, {rerank_settings['split']['subset']}; re-ranking the "
-          f"top {rerank_settings['top_m']} with alpha {rerank_settings['alpha']:.1f} x bi-encoder + "
-          f"{1 - rerank_settings['alpha']:.1f} x cross-encoder (seed {seed})")
-    print(format_table(rows, chance))
-    print()
-    print("The cross-encoder's seconds: all pairs against the re-ranked top-M")
-    print(format_ratio(ratio))
-    print()
-    print("The papers' claims on this data:")
-    print(format_claims(found))
+    print(format_summary(summary, (
+        f"Recall (%) and seconds on one split, {summary['split']['subset']}; re-ranking the top "
+        f"{summary['top_m']} with alpha {summary['alpha']:.1f} x bi-encoder + {1 - summary['alpha']:.1f} x "
+        f"cross-encoder (seed {seed})")))
     print()
     print(format_stage_times(stage_s, reused, summary["total_s"]))
     print("\n[demo] plots:")
-    for path in write_plots(demo, rows):
+    for path in write_plots(demo, summary["rows"]):
         print(f"  {path}")
     if examples:
         demo.examples()
@@ -609,7 +583,7 @@ def run(run_dir: Path, preset: Preset, fresh: bool, seed: int = 42, examples: bo
 def run_seeds(run_dir: Path, preset: Preset, fresh: bool, seeds: Sequence[int]) -> dict[str, Any]:
     """The whole pipeline once per seed on the same data; mean and spread of every row."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    data_dir, _ = prepare_data(run_dir, preset, fresh)
+    data_dir = prepare_data(run_dir, preset, fresh)
     summaries = {seed: run(run_dir / f"seed{seed}", preset, fresh, seed, examples=False, data_dir=data_dir)
                  for seed in seeds}
     table = seeds_table(summaries)
